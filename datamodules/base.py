@@ -1,0 +1,170 @@
+"""The shared datamodule: splits, seeded few-shot subsets, albumentations transforms, loaders."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.transforms import eval_transform, to_chw_uint8, train_transform
+
+
+@dataclass
+class Split:
+    """One split: images as an in-memory uint8 array (N, H, W, 3) or as file paths, and integer labels."""
+
+    images: np.ndarray | Sequence[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> Split:
+        index = np.asarray(index, dtype=np.int64)
+        if isinstance(self.images, np.ndarray):
+            return Split(self.images[index], self.labels[index])
+        return Split([self.images[i] for i in index], self.labels[index])
+
+    def load(self, i: int) -> np.ndarray:
+        if isinstance(self.images, np.ndarray):
+            return self.images[i]
+        from datamodules.imagefolder import read_rgb
+
+        return read_rgb(self.images[i])
+
+
+class _TransformDataset(Dataset):
+    def __init__(self, split: Split, transform) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        image = self.transform(image=self.split.load(i))["image"]
+        return to_chw_uint8(image), int(self.split.labels[i])
+
+
+def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Seeded, stratified (rest, held_out) split of ``fraction`` of the images."""
+    index = np.arange(len(split))
+    stratify = split.labels if np.bincount(split.labels).min() >= 2 else None
+    rest, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    return split.subset(np.sort(rest)), split.subset(np.sort(held))
+
+
+def per_class_subset(split: Split, per_class: int, seed: int) -> Split:
+    """Seeded few-shot subset: ``per_class`` images of each class (all of a class that has fewer)."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(split.labels == c))[:per_class] for c in np.unique(split.labels)]
+    return split.subset(np.sort(np.concatenate(keep)))
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base datamodule. Subclasses implement ``load_splits()`` returning ``(train, val, test, classes)`` where
+    val/test may be None: a missing test split is carved from train by ``test_fraction``, a missing val split by
+    ``val_fraction`` (both stratified and seeded), then ``per_class`` subsets the training split.
+
+    Geometry (input size, interpolation, eval crop) comes from the backbone via ``configure()``; augmentation is
+    the dataset's own (``augment`` block, see ``datamodules.transforms.train_transform``).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        per_class: int | None = None,
+        seed: int = 0,
+        image_size: int | None = None,
+        augment: Mapping | None = None,
+        eval_crop_pct: float | None = 1.0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.per_class, self.seed = per_class, seed
+        self.image_size, self.augment, self.eval_crop_pct = image_size, dict(augment or {}), eval_crop_pct
+        self.interpolation = "bicubic"
+        self.splits: dict[str, Split] | None = None
+        self.classes: list[str] = []
+
+    # -- to implement --------------------------------------------------------------------------------------
+    def load_splits(self) -> tuple[Split, Split | None, Split | None, list[str]]:
+        raise NotImplementedError
+
+    # -- geometry from the backbone ------------------------------------------------------------------------
+    def configure(self, image_size: int, interpolation: str = "bicubic", crop_pct: float = 0.875) -> None:
+        self.image_size, self.interpolation = int(image_size), interpolation
+        if self.eval_crop_pct is None:
+            self.eval_crop_pct = crop_pct
+
+    # -- splits --------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        train, val, test, self.classes = self.load_splits()
+        if test is None:
+            train, test = stratified_split(train, self.test_fraction, self.seed)
+        if val is None:
+            train, val = stratified_split(train, self.val_fraction, self.seed + 1)
+        if self.per_class:
+            train = per_class_subset(train, int(self.per_class), self.seed)
+        self.splits = {"train": train, "val": val, "test": test}
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.classes)
+
+    def class_counts(self) -> np.ndarray:
+        self.setup()
+        return np.bincount(self.splits["train"].labels, minlength=self.num_classes)
+
+    def sizes(self) -> dict[str, int]:
+        self.setup()
+        return {k: len(v) for k, v in self.splits.items()}
+
+    # -- loaders -------------------------------------------------------------------------------------------
+    def dataset(self, split: str, train_aug: bool | None = None) -> Dataset:
+        self.setup()
+        if self.image_size is None:
+            raise RuntimeError("image_size is not set: call configure() with the backbone's input size first")
+        augment = split == "train" if train_aug is None else train_aug
+        if augment:
+            t = train_transform(self.image_size, self.interpolation, self.augment)
+        else:
+            t = eval_transform(self.image_size, self.interpolation, self.eval_crop_pct or 1.0)
+        return _TransformDataset(self.splits[split], t)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.splits[split]) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=pin,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

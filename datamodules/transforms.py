@@ -1,0 +1,74 @@
+"""Albumentations pipelines. Geometry and augmentation run on uint8 HWC arrays; normalization is left to the model
+(on device), so the output is a uint8 CHW tensor."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+_INTERP = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+
+AUGMENT_PRESETS = ("none", "shift", "crop_flip")
+
+
+def _interp(name: str) -> int:
+    return _INTERP.get(str(name), cv2.INTER_CUBIC)
+
+
+def eval_transform(size: int, interpolation: str = "bicubic", crop_pct: float = 1.0) -> A.Compose:
+    """timm-style eval: resize the shorter side to size / crop_pct, then center-crop ``size``."""
+    resize = int(math.floor(size / crop_pct)) if crop_pct < 1.0 else size
+    interp = _interp(interpolation)
+    return A.Compose(
+        [A.SmallestMaxSize(max_size=resize, interpolation=interp), A.CenterCrop(height=size, width=size)]
+    )
+
+
+def train_transform(size: int, interpolation: str = "bicubic", augment: Mapping | None = None) -> A.Compose:
+    """Training pipeline from a dataset's ``augment`` block: ``name`` is one of AUGMENT_PRESETS.
+
+    - ``none``: the eval geometry (resize + center crop), nothing random.
+    - ``shift``: resize, then a small random affine (``translate``, ``scale``, ``rotate`` degrees); for digits and
+      other centred, orientation-sensitive images where flips and aggressive crops destroy the label.
+    - ``crop_flip``: random-resized crop (``scale`` range) and horizontal flip; for natural images.
+    ``color_jitter`` (strength, 0 = off) may be added to any preset.
+    """
+    augment = dict(augment or {})
+    name = augment.pop("name", "none")
+    interp = _interp(interpolation)
+    if name == "none":
+        ops = list(eval_transform(size, interpolation, augment.pop("crop_pct", 1.0)).transforms)
+    elif name == "shift":
+        t, s, r = augment.pop("translate", 0.1), augment.pop("scale", 0.1), augment.pop("rotate", 10)
+        ops = [
+            A.Resize(size, size, interpolation=interp),
+            A.Affine(translate_percent=(-t, t), scale=(1 - s, 1 + s), rotate=(-r, r), interpolation=interp, p=1.0),
+        ]
+    elif name == "crop_flip":
+        lo, hi = augment.pop("scale", (0.35, 1.0))
+        ops = [
+            A.RandomResizedCrop(size=(size, size), scale=(lo, hi), interpolation=interp),
+            A.HorizontalFlip(p=0.5),
+        ]
+    else:
+        raise ValueError(f"unknown augment preset {name!r}; valid: {', '.join(AUGMENT_PRESETS)}")
+    jitter = augment.pop("color_jitter", 0.0)
+    if jitter:
+        ops.append(A.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=0.0, p=0.8))
+    if augment:
+        raise ValueError(f"unknown option(s) {sorted(augment)} for augment preset {name!r}")
+    return A.Compose(ops)
+
+
+def to_chw_uint8(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

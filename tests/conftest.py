@@ -1,0 +1,43 @@
+"""Shared fixtures: offline hub, composed-and-shrunk configs, tiny timm models, synthetic data."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, open_dict
+
+TINY = [
+    "data=synthetic",
+    "backbone.name=test_resnet",
+    "backbone.pretrained=false",
+    "data.train_size=160",
+    "data.test_size=40",
+    "data.batch_size=16",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def compose_cfg(overrides: list[str] = (), output_dir=None) -> DictConfig:
+    with initialize_config_module("visionft.conf", version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A composed config shrunk to a tiny ResNet on 32 px synthetic data; pass extra overrides."""
+
+    def make(*overrides: str, output_dir=None) -> DictConfig:
+        return compose_cfg([*TINY, *overrides], output_dir or tmp_path / "run")
+
+    return make

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+import visionft.conf
+from conftest import compose_cfg
+
+CONF = Path(visionft.conf.__file__).parent
+OPTIONS = [(g.name, f.stem) for g in sorted(CONF.iterdir()) if g.is_dir() and not g.name.startswith("_")
+           for f in sorted(g.glob("*.yaml"))]
+
+
+def test_conf_ships_with_the_package():
+    assert (CONF / "config.yaml").is_file()
+    assert {g for g, _ in OPTIONS} >= {"backbone", "data", "strategy", "trainer", "experiment"}
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_conf_file_composes(group, option, tmp_path):
+    override = f"+{group}={option}" if group == "experiment" else f"{group}={option}"
+    cfg = compose_cfg([override], tmp_path)
+    assert cfg[group] is not None or group == "experiment"
+    if group == "strategy":
+        strategy = instantiate(cfg.strategy)  # every strategy YAML builds its object
+        assert strategy.lr > 0
+    if group == "backbone":
+        assert cfg.backbone.name and "pretrained" in cfg.backbone
+
+
+def test_defaults_are_the_offline_quickstart(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.backbone.name == "tf_efficientnet_lite0.in1k"
+    assert cfg.data._target_ == "datamodules.DigitsDataModule"
+    assert cfg.strategy._target_ == "visionft.strategies.Full"
+
+
+def test_unknown_strategy_lists_the_valid_ones(tmp_path):
+    with pytest.raises(Exception) as e:
+        compose_cfg(["strategy=nope"], tmp_path)
+    assert "linear_probe" in str(e.value) and "full" in str(e.value)

@@ -1,0 +1,144 @@
+"""Table-driven: for every strategy on a tiny ResNet and a tiny ViT, what really happens in a Trainer run:
+which tensors change in each epoch, the LR each optimizer group holds at given steps, and each BatchNorm's mode."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from visionft.module import TransferModule
+from visionft.optim import warmup_cosine
+from visionft.train import build, build_trainer
+
+EPOCHS, BATCHES = 3, 3
+RESNET = ["stem", "block1", "block2", "block3", "block4", "head"]  # timm test_resnet
+VIT = ["stem", *[f"block{i}" for i in range(1, 7)], "head"]  # timm test_vit: 6 blocks (norm in the last)
+
+
+def _open(n, table):
+    """table: epoch -> number of groups open from the head down (or 'all')."""
+    return {e: set(range(n)) if k == "all" else set(range(n - k, n)) for e, k in table.items()}
+
+
+# strategy overrides -> (epoch -> groups open counted from the head, BN policy of open groups, layer decay)
+TABLE = {
+    "scratch": (["strategy=scratch"], {0: "all", 1: "all", 2: "all"}, "train", 1.0),
+    "linear_probe": (["strategy=linear_probe"], {0: 1, 1: 1, 2: 1}, "frozen", 1.0),
+    "full": (["strategy=full"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "full_bn_train": (["strategy=full", "strategy.bn=train"], {0: "all", 1: "all", 2: "all"}, "train", 1.0),
+    "partial": (["strategy=partial", "strategy.freeze_depth=2"], {0: -2, 1: -2, 2: -2}, "frozen", 1.0),
+    "gradual_unfreeze": (["strategy=gradual_unfreeze"], {0: 1, 1: 2, 2: 3}, "frozen", 1.0),
+    "gradual_milestones": (["strategy=gradual_unfreeze", "strategy.milestones=[2]"], {0: 1, 1: 1, 2: 2},
+                           "frozen", 1.0),
+    "layerwise_lr": (["strategy=layerwise_lr", "strategy.layer_decay=0.5"], {0: "all", 1: "all", 2: "all"},
+                     "frozen", 0.5),
+    "ulmfit": (["strategy=ulmfit", "strategy.layer_decay=0.5"], {0: 1, 1: 2, 2: 3}, "frozen", 0.5),
+}
+MODELS = {"resnet": ("test_resnet", RESNET, []), "vit": ("test_vit", VIT, ["data.image_size=32"])}
+
+
+class Recorder(L.Callback):
+    """Per epoch: parameters whose values changed, BN modes and running-stat changes, group LRs per step."""
+
+    def __init__(self):
+        self.changed, self.bn_mode, self.bn_stats_changed, self.lrs = {}, {}, {}, {}
+
+    def on_train_epoch_start(self, trainer, module):
+        self._before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+        self._bn_before = {n: m.running_mean.clone() for n, m in _bns(module)}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        e = trainer.current_epoch
+        if batch_idx == 0:
+            self.bn_mode[e] = {n: m.training for n, m in _bns(module)}
+        opt = trainer.optimizers[0]
+        self.lrs[trainer.global_step] = [(g["depth"], g["lr"], g["lr_mult"]) for g in opt.param_groups]
+
+    def on_train_epoch_end(self, trainer, module):
+        e = trainer.current_epoch
+        self.changed[e] = {n for n, p in module.model.named_parameters() if not torch.equal(p, self._before[n])}
+        self.bn_stats_changed[e] = {n for n, m in _bns(module) if not torch.equal(m.running_mean, self._bn_before[n])}
+
+
+def _bns(module):
+    return [(n, m) for n, m in module.model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _run(tiny_cfg, overrides):
+    cfg = tiny_cfg(*overrides, f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES}",
+                   "trainer.limit_val_batches=1", "optim.warmup_epochs=1")
+    dm, backbone, module = build(cfg)
+    trainer, _, _ = build_trainer(cfg, __import__("pathlib").Path(cfg.paths.output_dir))
+    rec = Recorder()
+    trainer.callbacks.append(rec)
+    trainer.fit(module, datamodule=dm)
+    return cfg, backbone, module, rec
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("case", TABLE)
+def test_strategy_table(case, model, tiny_cfg):
+    overrides, table, bn_policy, decay = TABLE[case]
+    timm_name, group_names, extra = MODELS[model]
+    cfg, backbone, module, rec = _run(tiny_cfg, [f"backbone.name={timm_name}", *extra, *overrides])
+    n = len(group_names)
+    assert [g.name for g in backbone.groups] == group_names
+    opened = _open(n, {e: (n + k if isinstance(k, int) and k < 0 else k) for e, k in table.items()})
+    for epoch in range(EPOCHS):
+        # 1. exactly the tensors of the open groups received updates in this epoch
+        expected = {p for g in backbone.groups if g.index in opened[epoch] for p in g.params}
+        assert rec.changed[epoch] == expected, f"epoch {epoch}"
+        # 2. BatchNorm: trains only in open groups under policy 'train'; running stats move only then
+        for bn_name, depth in backbone.bn_groups.items():
+            should_train = bn_policy == "train" and depth in opened[epoch]
+            assert rec.bn_mode[epoch][bn_name] is should_train, (epoch, bn_name)
+            assert (bn_name in rec.bn_stats_changed[epoch]) is should_train, (epoch, bn_name)
+    # 3. the LR each group really holds = lr * warmup_cosine(step) * decay^(distance from head) * open
+    total, spe = EPOCHS * BATCHES, BATCHES
+    for step, groups in rec.lrs.items():
+        base = cfg.strategy.lr * warmup_cosine(step, total, spe, cfg.optim.min_lr_ratio)
+        for depth, lr, mult in groups:
+            assert mult == pytest.approx(decay ** (n - 1 - depth))
+            is_open = depth in opened[step // spe]
+            assert lr == pytest.approx(base * mult * is_open, rel=1e-6, abs=1e-12), (step, depth)
+    # 4. what the param-group table reports agrees
+    rows = module.param_group_rows()
+    assert {r["depth"] for r in rows if r["trainable"]} == opened[EPOCHS - 1]
+
+
+def test_lr_sampled_in_warmup_and_mid_cosine(tiny_cfg):
+    """Layer-wise LR under the scheduler: read the optimizer during warmup and mid-cosine."""
+    cfg, backbone, module, rec = _run(tiny_cfg, ["strategy=layerwise_lr", "strategy.layer_decay=0.5",
+                                                 "optim.min_lr_ratio=0.0"])
+    lr = cfg.strategy.lr
+    head = [g for g in rec.lrs[1] if g[0] == 5][0][1]
+    stem = [g for g in rec.lrs[1] if g[0] == 0][0][1]
+    assert head == pytest.approx(lr * 2 / 3)  # warmup step 1 of 3: (1 + 1) / 3
+    assert stem == pytest.approx(lr * 2 / 3 * 0.5 ** 5)
+    mid = 3 + 3  # (total 9 - warmup 3) / 2 after warmup: cosine at half way = 0.5
+    assert [g for g in rec.lrs[mid] if g[0] == 5][0][1] == pytest.approx(lr * 0.5)
+
+
+def test_linear_probe_keeps_backbone_bn_frozen_for_the_whole_fit(tiny_cfg):
+    cfg, backbone, module, rec = _run(tiny_cfg, ["strategy=linear_probe"])
+    assert all(not any(modes.values()) for modes in rec.bn_mode.values())
+    assert all(not changed for changed in rec.bn_stats_changed.values())
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"} == module.trainable
+    assert module.param_counts()["trainable_params"] == sum(p.numel() for p in module.model.fc.parameters())
+
+
+def test_partial_out_of_range_names_the_valid_range(tiny_cfg):
+    cfg = tiny_cfg("strategy=partial", "strategy.freeze_depth=9")
+    with pytest.raises(ValueError, match=r"0\.\.5"):
+        build(cfg)
+
+
+def test_module_never_branches_on_strategy_name():
+    import inspect
+
+    import visionft.module as m
+
+    src = inspect.getsource(m)
+    assert "isinstance(self.strategy" not in src and "strategy ==" not in src and "LinearProbe" not in src
+    assert issubclass(TransferModule, L.LightningModule)

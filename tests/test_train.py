@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+
+from visionft.train import train
+
+
+def test_train_in_process_writes_metrics_and_config(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.max_epochs=2", output_dir=tmp_path / "run")
+    metrics = train(cfg)
+    out = tmp_path / "run"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["test"] == metrics["test"]
+    assert {"test/acc", "test/f1_macro", "test/top5", "test/loss"} <= set(saved["test"])
+    assert {"val/acc", "val/f1_macro", "val/top5"} <= set(saved["val"])
+    assert saved["trainable_params"] == saved["total_params"] > 0
+    assert saved["train_images_per_s"] > 0 and saved["wall_time_s"] > 0 and saved["epochs"] == 2
+    assert (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert saved["best_checkpoint"].endswith("best.ckpt")
+    assert (out / "csv" / "metrics.csv").is_file()
+    assert any((out / "tb").iterdir())
+
+
+def test_two_classes_have_no_top5(tiny_cfg, tmp_path):
+    metrics = train(tiny_cfg("data.num_classes=2", output_dir=tmp_path / "two"))
+    assert "test/top5" not in metrics["test"] and 0.0 <= metrics["test"]["test/acc"] <= 1.0
+
+
+def test_resume_from_checkpoint_continues_with_plain_hparams(tiny_cfg, tmp_path):
+    out = tmp_path / "resume"
+    train(tiny_cfg("trainer.max_epochs=1", output_dir=out))
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)  # Lightning 2.6 resumes weights-only
+    assert ckpt["epoch"] == 0 and isinstance(ckpt["hyper_parameters"], dict)
+    first_step = ckpt["global_step"]
+    metrics = train(tiny_cfg("trainer.max_epochs=3", "resume=true", output_dir=out))
+    assert metrics["epochs"] == 3
+    after = torch.load(last, map_location="cpu", weights_only=True)
+    assert after["global_step"] == 3 * first_step  # continued, not restarted
+    sched = after["lr_schedulers"][0]
+    assert sched["last_epoch"] == 3 * first_step
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        train(tiny_cfg("resume=true", output_dir=tmp_path / "none"))
+
+
+def test_training_options_run(tiny_cfg, tmp_path):
+    """Label smoothing, mixup/cutmix, balanced class weights, EMA, clipping, accumulation and early stopping."""
+    metrics = train(tiny_cfg(
+        "trainer.max_epochs=2", "loss.mixup=0.2", "loss.cutmix=1.0", "loss.label_smoothing=0.1",
+        "loss.class_weights=balanced", "callbacks.ema_decay=0.9", "trainer.gradient_clip_val=1.0",
+        "trainer.accumulate_grad_batches=2", "callbacks.early_stopping_patience=1", "deterministic=true",
+        output_dir=tmp_path / "opts"))
+    assert metrics["epochs"] >= 1 and "test/acc" in metrics["test"]
+
+
+def test_nan_loss_is_a_clear_error(tiny_cfg, tmp_path):
+    from visionft.callbacks import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match="strategy.lr"):
+        train(tiny_cfg("strategy.lr=1e30", "strategy.bn=train", output_dir=tmp_path / "nan"))

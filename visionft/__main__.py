@@ -1,0 +1,48 @@
+"""Entry point: ``python -m visionft [hydra overrides]`` (also the ``visionft`` console script)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+# Keep any hub request short; a missing network must not cost a minute of retries.
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+
+USER_ERRORS = (FileNotFoundError, ValueError)
+
+
+@hydra.main(config_path="pkg://visionft.conf", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from visionft.callbacks import NonFiniteLoss
+    from visionft.train import train
+    from visionft.weights import WeightsUnavailable
+
+    _single_log_handler()
+    try:
+        metrics = train(cfg)
+    except (WeightsUnavailable, NonFiniteLoss, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return metrics["test"].get("test/acc")
+
+
+def _single_log_handler() -> None:
+    """Lightning adds its own console handler when imported before logging is configured; under Hydra (which
+    configures the root logger) that prints every line twice."""
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(h)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Backbones: one entry point over ``timm.create_model``, ordered depth groups from timm's ``group_matcher``, and
+the data config (input size, interpolation, mean/std, crop) from the model's ``pretrained_cfg``."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+from timm.data import resolve_data_config
+from timm.models import group_parameters
+from torch import nn
+
+from visionft.weights import apply_state_dict, load_pretrained, load_state_dict_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DepthGroup:
+    """Parameters of one depth slice of the plain timm model (stem, a stage or block, the head), by name."""
+
+    index: int
+    name: str
+    params: list[str]
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    name: str
+    groups: list[DepthGroup]
+    data_config: dict[str, Any]
+    weights: str = "random"
+    bn_groups: dict[str, int] = field(default_factory=dict)  # BatchNorm module name -> group index
+
+
+def depth_groups(model: nn.Module) -> list[DepthGroup]:
+    """Input-to-output depth groups from ``group_matcher(coarse=True)``: stem/embedding, stages (CNNs) or blocks
+    (ViTs), then the classifier as its own last group. timm folds a final norm (ViT ``norm``) or
+    ``conv_head``/``bn2`` (EfficientNet) into the last block; we keep that. The one generic rule on top: the
+    parameters of ``model.get_classifier()`` form the head group, and anything else timm grouped with them joins
+    the group before it."""
+    head = {n for n, _ in model.named_parameters() if _is_under(n, _classifier_name(model))}
+    grouped = group_parameters(model, model.group_matcher(coarse=True))
+    body = [[n for n in names if n not in head] for _, names in sorted(grouped.items())]
+    body = [names for names in body if names]
+    last_timm = grouped[max(grouped)]
+    if len(body) > 1 and any(n in head for n in last_timm) and set(body[-1]) <= set(last_timm):
+        body[-2].extend(body.pop())  # leftovers of timm's head group (e.g. fc_norm) join the last block
+    groups = [DepthGroup(i, "stem" if i == 0 else f"block{i}", names) for i, names in enumerate(body)]
+    ordered_head = [n for n, _ in model.named_parameters() if n in head]
+    return groups + [DepthGroup(len(groups), "head", ordered_head)]
+
+
+def _classifier_name(model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    return next(name for name, m in model.named_modules() if m is classifier)
+
+
+def _is_under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def bn_group_index(model: nn.Module, groups: list[DepthGroup]) -> dict[str, int]:
+    """Map every BatchNorm module of the plain model to the depth group holding its affine weight."""
+    owner = {p: g.index for g in groups for p in g.params}
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            key = f"{name}.weight" if f"{name}.weight" in owner else next(
+                (p for p in owner if _is_under(p, name.rsplit(".", 1)[0])), None)
+            if key is None:
+                raise ValueError(f"cannot place BatchNorm {name!r} in a depth group")
+            out[name] = owner[key]
+    return out
+
+
+def _create(name: str, num_classes: int, image_size: int | None, kwargs: dict) -> nn.Module:
+    try:
+        if image_size:
+            try:  # ViTs are built for one input size: position embeddings sized for image_size
+                return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=image_size,
+                                         **kwargs)
+            except TypeError as e:
+                if "img_size" not in str(e):
+                    raise
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" not in str(e):
+            raise
+        arch = name.split(".")[0]
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown timm model {name!r} (backbone.name). Similar timm models: {close}. "
+                         f"Presets: see conf/backbone/ or `python -m visionft --help`") from None
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = True,
+    checkpoint: str | None = None,
+    image_size: int | None = None,
+    kwargs: dict | None = None,
+) -> Backbone:
+    """Build timm model ``name`` with a ``num_classes`` head and load its weights: ``checkpoint`` (a local file)
+    wins over ``pretrained`` (offline package, local cache, then hub); neither means random init."""
+    model = _create(name, num_classes, image_size, dict(kwargs or {}))
+    if checkpoint:
+        apply_state_dict(model, load_state_dict_file(checkpoint), str(checkpoint))
+        weights = f"checkpoint:{checkpoint}"
+    elif pretrained:
+        weights = load_pretrained(model, name)
+    else:
+        weights = "random"
+    data_config = resolve_data_config(model=model)
+    if image_size:
+        data_config["input_size"] = (3, int(image_size), int(image_size))
+    groups = depth_groups(model)
+    return Backbone(model, name, groups, data_config, weights, bn_group_index(model, groups))

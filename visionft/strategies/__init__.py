@@ -1,0 +1,7 @@
+"""Adaptation strategies. One file per family; each is chosen by the Hydra group ``strategy`` (its YAML's
+``_target_``), so the config group is the only registry."""
+from visionft.strategies.base import BN_POLICIES, Strategy
+from visionft.strategies.basic import Full, LinearProbe, Partial, Scratch
+from visionft.strategies.gradual import GradualUnfreeze
+
+__all__ = ["BN_POLICIES", "Strategy", "Scratch", "LinearProbe", "Full", "Partial", "GradualUnfreeze"]

@@ -1,0 +1,68 @@
+"""The strategy contract.
+
+A strategy answers three questions about the ordered depth groups of a backbone (stem ... head), and nothing
+else: the training loop, optimizer and scheduler are shared and know no strategy by name.
+
+1. ``open_epoch(i, n)``: from which epoch group ``i`` of ``n`` trains; ``None`` = never (frozen for the run).
+2. ``lr_scale(i, n, param_name)``: a constant LR multiplier (layer-wise decay, LoRA+ ratio for B matrices).
+3. ``prepare(model, backbone)``: structural changes before training (e.g. wrapping with peft); default none.
+
+and declares a BatchNorm policy ``bn``: ``frozen`` keeps every BatchNorm in eval mode (running statistics from
+pretraining untouched; affine weights still train where their group trains), ``train`` lets BatchNorm of open groups
+update batch statistics. BatchNorm of a group that is not open is always in eval mode.
+
+How a schedule is enforced (see ``visionft.optim``): every optimizer param group exists from step 0; a group's LR is
+base_schedule(step) x lr_scale x [group open at this step's epoch]. Groups never opened are frozen with
+``requires_grad=False`` before the Trainer starts (fixed for the run, so DDP-safe). Groups that open later keep
+``requires_grad=True`` under DDP (the reducer must see them from the start) and their gradients are dropped while
+closed; on one device they are hard-frozen until they open, which saves their backward compute. Either way a
+closed group receives no update, no weight decay and no optimizer state, so Adam state starts fresh when it opens,
+and gradient clipping (which only sees gradients that exist) covers open groups only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+BN_POLICIES = ("frozen", "train")
+
+
+@dataclass
+class Strategy:
+    lr: float = 1e-3  # base learning rate (per-strategy default in its YAML)
+    bn: str = "frozen"
+    layer_decay: float = 1.0  # LR of group i = lr * layer_decay ** (distance from the head); 1.0 = off
+
+    uses_pretrained: ClassVar[bool] = True  # False: the backbone is built with random init
+
+    def __post_init__(self) -> None:
+        if self.bn not in BN_POLICIES:
+            raise ValueError(f"strategy.bn={self.bn!r} is not a BatchNorm policy; valid: {', '.join(BN_POLICIES)}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"strategy.layer_decay={self.layer_decay} must be in (0, 1]; 1.0 turns it off")
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def validate(self, n_groups: int) -> None:
+        """Check options against the backbone's number of depth groups; raise ValueError naming the range."""
+
+    def open_epoch(self, index: int, n_groups: int) -> int | None:
+        return 0
+
+    def lr_scale(self, index: int, n_groups: int, param_name: str) -> float:
+        return self.layer_decay ** (n_groups - 1 - index)
+
+    def prepare(self, model: nn.Module, backbone) -> nn.Module:
+        return model
+
+    # -- derived, shared --------------------------------------------------------------------------------------
+    def is_open(self, index: int, n_groups: int, epoch: int) -> bool:
+        start = self.open_epoch(index, n_groups)
+        return start is not None and epoch >= start
+
+    def bn_trains(self, index: int, n_groups: int, epoch: int) -> bool:
+        return self.bn == "train" and self.is_open(index, n_groups, epoch)

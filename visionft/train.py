@@ -1,0 +1,143 @@
+"""``train(cfg)``: the whole run, wired from the composed config. Tests call it in-process."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from visionft.backbones import create_backbone
+from visionft.callbacks import NanGuard, TrainThroughput
+from visionft.module import TrainOptions, TransferModule
+
+log = logging.getLogger(__name__)
+
+
+def auto_precision() -> str:
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def class_weights(spec, counts: np.ndarray) -> list[float] | None:
+    if spec is None:
+        return None
+    if spec == "balanced":
+        return (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
+    if len(spec) != len(counts):
+        raise ValueError(f"loss.class_weights has {len(spec)} values for {len(counts)} classes")
+    return [float(w) for w in spec]
+
+
+def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoint, TrainThroughput]:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if kwargs.get("precision") == "auto":
+        kwargs["precision"] = auto_precision()
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    monitor = cfg.callbacks.monitor
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max",
+                           save_last=True, save_top_k=1, auto_insert_metric_name=False)
+    speed = TrainThroughput()
+    callbacks = [ckpt, speed, NanGuard()]
+    if cfg.callbacks.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.callbacks.early_stopping_patience))
+    if cfg.callbacks.ema_decay:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        callbacks.append(EMAWeightAveraging(decay=cfg.callbacks.ema_decay))
+    if kwargs.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar(leave=True))
+    loggers = [CSVLogger(out, name="csv", version=""), TensorBoardLogger(out, name="tb", version="")]
+    trainer = L.Trainer(default_root_dir=out, callbacks=callbacks, logger=loggers,
+                        deterministic=bool(cfg.deterministic), **kwargs)
+    return trainer, ckpt, speed
+
+
+def resume_path(cfg: DictConfig, out: Path) -> str | None:
+    if cfg.ckpt_path:
+        return str(cfg.ckpt_path)
+    if cfg.resume:
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"resume=true but {last} does not exist: set paths.output_dir to the run "
+                                    f"directory to resume, or pass ckpt_path=/path/to/file.ckpt")
+        return str(last)
+    return None
+
+
+def build(cfg: DictConfig):
+    """Data, backbone, strategy and module from the config (no Trainer): for tests and tools."""
+    dm = instantiate(cfg.data)
+    strategy = instantiate(cfg.strategy)
+    image_size = cfg.data.get("image_size") or cfg.backbone.get("image_size")
+    backbone = create_backbone(
+        cfg.backbone.name, dm.num_classes,
+        pretrained=bool(cfg.backbone.pretrained) and strategy.uses_pretrained,
+        checkpoint=cfg.backbone.get("checkpoint"), image_size=image_size, kwargs=cfg.backbone.get("kwargs"),
+    )
+    dc = backbone.data_config
+    dm.configure(dc["input_size"][-1], dc["interpolation"], dc["crop_pct"])
+    model = strategy.prepare(backbone.model, backbone)
+    options = TrainOptions(
+        weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), warmup_epochs=cfg.optim.warmup_epochs,
+        min_lr_ratio=cfg.optim.min_lr_ratio, label_smoothing=cfg.loss.label_smoothing, mixup=cfg.loss.mixup,
+        cutmix=cfg.loss.cutmix, class_weights=class_weights(cfg.loss.class_weights, dm.class_counts()),
+        channels_last=bool(cfg.channels_last),
+    )
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    module = TransferModule(model, backbone, strategy, dm.num_classes, options, hparams)
+    return dm, backbone, module
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, test the best checkpoint, write ``metrics.json`` and ``config.yaml`` into ``paths.output_dir``."""
+    start = time.perf_counter()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    dm, backbone, module = build(cfg)
+    if cfg.compile:
+        from visionft.compile import maybe_compile
+
+        maybe_compile(module, dm)
+    trainer, ckpt, speed = build_trainer(cfg, out)
+    log.info("backbone %s (weights: %s), data %s: %s", backbone.name, backbone.weights, type(dm).__name__,
+             dm.sizes())
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, out))
+    best = ckpt.best_model_path or None
+    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0] if dm.sizes()["test"] else {}
+    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if ckpt.best_model_score is not None:
+        val[f"best_{cfg.callbacks.monitor}"] = float(ckpt.best_model_score)
+    metrics = {
+        "val": val,
+        "test": {k: float(v) for k, v in test.items()},
+        **module.param_counts(),
+        "epochs": trainer.current_epoch,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+        "train_images_per_s": round(speed.images_per_second, 1),
+        "best_checkpoint": best,
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "strategy": module.strategy.name,
+        "data": dm.sizes(),
+    }
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        print(summary(metrics, out))
+    return metrics
+
+
+def summary(m: dict, out: Path) -> str:
+    t = m["test"]
+    return (f"\n{m['strategy']} on {m['backbone']} ({m['weights']}): test acc {t.get('test/acc', float('nan')):.4f}"
+            f", macro-F1 {t.get('test/f1_macro', float('nan')):.4f}; trainable {m['trainable_params']:,} of "
+            f"{m['total_params']:,} params; {m['train_images_per_s']:.0f} train img/s; {m['wall_time_s']:.0f} s\n"
+            f"outputs: {out}\n")
