@@ -96,9 +96,13 @@ def test_safetensors_checkpoint_loads_with_a_new_head(tmp_path):
     assert torch.equal(same.model.fc.weight, src.model.fc.weight)
 
 
+class Payload:  # an arbitrary pickled object: weights-only loading must refuse it, never unpickle it
+    pass
+
+
 def test_checkpoints_load_weights_only(tmp_path):
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"w": torch.ones(1)}, "obj": object.__new__(Exception)}, path)
+    torch.save({"state_dict": {"w": torch.ones(1)}, "obj": Payload()}, path)
     with pytest.raises(ValueError, match="weights-only"):
         load_state_dict_file(path)
     with pytest.raises(FileNotFoundError, match="backbone.checkpoint"):

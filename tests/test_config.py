@@ -18,9 +18,12 @@ def test_conf_ships_with_the_package():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_conf_file_composes(group, option, tmp_path):
-    override = f"+{group}={option}" if group == "experiment" else f"{group}={option}"
+    override = f"{group}={option}"
     cfg = compose_cfg([override], tmp_path)
-    assert cfg[group] is not None or group == "experiment"
+    if group == "experiment":  # a @package _global_ delta: it changes other groups
+        assert cfg.data._target_ == "datamodules.ImageFolderDataModule" and cfg.data.per_class == 50
+    else:
+        assert cfg[group] is not None
     if group == "strategy":
         strategy = instantiate(cfg.strategy)  # every strategy YAML builds its object
         assert strategy.lr > 0

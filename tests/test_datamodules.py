@@ -16,16 +16,19 @@ def _check_loader(dm, size):
     assert xv.shape[1:] == (3, size, size)
 
 
-def test_digits_splits_are_stratified_seeded_and_disjoint():
+def test_digits_splits_are_stratified_and_seeded():
     dm = DigitsDataModule(seed=3, test_fraction=0.2, val_fraction=0.1)
     sizes = dm.sizes()
     assert sizes == {"train": 1293, "val": 144, "test": 360}
     test_counts = np.bincount(dm.splits["test"].labels)
     assert test_counts.min() >= 35 and test_counts.max() <= 37  # stratified: 36 +- 1 per class
     again = DigitsDataModule(seed=3)
+    again.setup()
     assert np.array_equal(again.splits["test"].images, dm.splits["test"].images)
     assert sum(sizes.values()) == 1797
-    assert not np.array_equal(DigitsDataModule(seed=4).splits["test"].labels, dm.splits["test"].labels)
+    other = DigitsDataModule(seed=4)
+    other.setup()
+    assert not np.array_equal(other.splits["test"].labels, dm.splits["test"].labels)
     assert dm.splits["train"].images.shape[1:] == (8, 8, 3) and dm.splits["train"].images.max() == 255
     _check_loader(dm, 64)
 
@@ -33,8 +36,10 @@ def test_digits_splits_are_stratified_seeded_and_disjoint():
 @pytest.mark.parametrize("per_class", [1, 5, 20])
 def test_per_class_subsets_exact_counts(per_class):
     dm = SyntheticDataModule(per_class=per_class, train_size=400, seed=0)
+    dm.setup()
     assert np.bincount(dm.splits["train"].labels).tolist() == [per_class] * 10
     other = SyntheticDataModule(per_class=per_class, train_size=400, seed=1)
+    other.setup()
     assert not np.array_equal(other.splits["train"].images, dm.splits["train"].images)  # seeded
 
 
@@ -48,7 +53,7 @@ def _write_folder(root, classes=("cat", "dog"), n=6):
     for c in classes:
         (root / c).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+            Image.fromarray(np.full((20, 24, 3), (25 * i) % 256, np.uint8)).save(root / c / f"{i}.png")
 
 
 def test_imagefolder_with_split_folders(tmp_path):

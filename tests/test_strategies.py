@@ -41,7 +41,7 @@ class Recorder(L.Callback):
     """Per epoch: parameters whose values changed, BN modes and running-stat changes, group LRs per step."""
 
     def __init__(self):
-        self.changed, self.bn_mode, self.bn_stats_changed, self.lrs = {}, {}, {}, {}
+        self.changed, self.bn_mode, self.bn_stats_changed, self.lrs, self.rows = {}, {}, {}, {}, {}
 
     def on_train_epoch_start(self, trainer, module):
         self._before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
@@ -51,6 +51,7 @@ class Recorder(L.Callback):
         e = trainer.current_epoch
         if batch_idx == 0:
             self.bn_mode[e] = {n: m.training for n, m in _bns(module)}
+            self.rows[e] = module.param_group_rows()
         opt = trainer.optimizers[0]
         self.lrs[trainer.global_step] = [(g["depth"], g["lr"], g["lr_mult"]) for g in opt.param_groups]
 
@@ -101,9 +102,12 @@ def test_strategy_table(case, model, tiny_cfg):
             assert mult == pytest.approx(decay ** (n - 1 - depth))
             is_open = depth in opened[step // spe]
             assert lr == pytest.approx(base * mult * is_open, rel=1e-6, abs=1e-12), (step, depth)
-    # 4. what the param-group table reports agrees
-    rows = module.param_group_rows()
-    assert {r["depth"] for r in rows if r["trainable"]} == opened[EPOCHS - 1]
+    # 4. what the logged param-group table reports agrees, epoch by epoch
+    for epoch, rows in rec.rows.items():
+        assert {r["depth"] for r in rows if r["trainable"]} == opened[epoch]
+        bn_rows = {r["depth"]: r["bn"] for r in rows if r["bn"] != "-"}
+        assert bn_rows == {d: "train" if bn_policy == "train" and d in opened[epoch] else "eval"
+                           for d in set(backbone.bn_groups.values())}
 
 
 def test_lr_sampled_in_warmup_and_mid_cosine(tiny_cfg):

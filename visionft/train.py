@@ -110,13 +110,11 @@ def train(cfg: DictConfig) -> dict:
     log.info("backbone %s (weights: %s), data %s: %s", backbone.name, backbone.weights, type(dm).__name__,
              dm.sizes())
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, out))
-    best = ckpt.best_model_path or None
+    best = ckpt.best_model_path or None  # val and test are both reported for the best checkpoint
+    val = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
     test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0] if dm.sizes()["test"] else {}
-    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    if ckpt.best_model_score is not None:
-        val[f"best_{cfg.callbacks.monitor}"] = float(ckpt.best_model_score)
     metrics = {
-        "val": val,
+        "val": {k: float(v) for k, v in val.items()},
         "test": {k: float(v) for k, v in test.items()},
         **module.param_counts(),
         "epochs": trainer.current_epoch,
