@@ -33,8 +33,13 @@ TABLE = {
     "layerwise_lr": (["strategy=layerwise_lr", "strategy.layer_decay=0.5"], {0: "all", 1: "all", 2: "all"},
                      "frozen", 0.5),
     "ulmfit": (["strategy=ulmfit", "strategy.layer_decay=0.5"], {0: 1, 1: 2, 2: 3}, "frozen", 0.5),
+    "lora": (["strategy=lora", "strategy.r=2"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "dora": (["strategy=dora", "strategy.r=2", "strategy.bn=train"], {0: "all", 1: "all", 2: "all"}, "train", 1.0),
 }
-MODELS = {"resnet": ("test_resnet", RESNET, []), "vit": ("test_vit", VIT, ["data.image_size=32"])}
+ADAPTED = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save")  # what trains under peft
+# zero_init_last=False: timm zero-initializes each residual block's last BN gamma, which at random init would stop
+# every gradient inside the block (adapters there could never be seen to train)
+MODELS = {"resnet": ("test_resnet", RESNET, ["+backbone.kwargs.zero_init_last=false"]), "vit": ("test_vit", VIT, ["data.image_size=32"])}
 
 
 class Recorder(L.Callback):
@@ -59,6 +64,11 @@ class Recorder(L.Callback):
         e = trainer.current_epoch
         self.changed[e] = {n for n, p in module.model.named_parameters() if not torch.equal(p, self._before[n])}
         self.bn_stats_changed[e] = {n for n, m in _bns(module) if not torch.equal(m.running_mean, self._bn_before[n])}
+
+
+def _wrapped(module, name):
+    """The name a plain-model module has inside the (possibly peft-wrapped) model."""
+    return f"base_model.model.{name}" if name not in dict(module.model.named_modules()) else name
 
 
 def _bns(module):
@@ -87,10 +97,15 @@ def test_strategy_table(case, model, tiny_cfg):
     opened = _open(n, {e: (n + k if isinstance(k, int) and k < 0 else k) for e, k in table.items()})
     for epoch in range(EPOCHS):
         # 1. exactly the tensors of the open groups received updates in this epoch
-        expected = {p for g in backbone.groups if g.index in opened[epoch] for p in g.params}
+        peft = case in ("lora", "dora")
+        expected = {n for n, _ in module.model.named_parameters() if module.depths[n] in opened[epoch]
+                    and (not peft or any(a in n for a in ADAPTED))}
         assert rec.changed[epoch] == expected, f"epoch {epoch}"
+        if peft:
+            assert any("lora_B" in n for n in expected) and any("modules_to_save" in n for n in expected)
         # 2. BatchNorm: trains only in open groups under policy 'train'; running stats move only then
         for bn_name, depth in backbone.bn_groups.items():
+            bn_name = _wrapped(module, bn_name)
             should_train = bn_policy == "train" and depth in opened[epoch]
             assert rec.bn_mode[epoch][bn_name] is should_train, (epoch, bn_name)
             assert (bn_name in rec.bn_stats_changed[epoch]) is should_train, (epoch, bn_name)
@@ -99,12 +114,13 @@ def test_strategy_table(case, model, tiny_cfg):
     for step, groups in rec.lrs.items():
         base = cfg.strategy.lr * warmup_cosine(step, total, spe, cfg.optim.min_lr_ratio)
         for depth, lr, mult in groups:
-            assert mult == pytest.approx(decay ** (n - 1 - depth))
+            assert mult == pytest.approx(decay ** (n - 1 - depth))  # (LoRA+ ratio is 1.0 here)
             is_open = depth in opened[step // spe]
             assert lr == pytest.approx(base * mult * is_open, rel=1e-6, abs=1e-12), (step, depth)
     # 4. what the logged param-group table reports agrees, epoch by epoch
     for epoch, rows in rec.rows.items():
-        assert {r["depth"] for r in rows if r["trainable"]} == opened[epoch]
+        with_tensors = {module.depths[n] for n in rec.changed[epoch]}  # LoRA leaves e.g. a ViT stem untouched
+        assert {r["depth"] for r in rows if r["trainable"]} == opened[epoch] & with_tensors
         bn_rows = {r["depth"]: r["bn"] for r in rows if r["bn"] != "-"}
         assert bn_rows == {d: "train" if bn_policy == "train" and d in opened[epoch] else "eval"
                            for d in set(backbone.bn_groups.values())}

@@ -113,7 +113,9 @@ def train(cfg: DictConfig) -> dict:
     best = ckpt.best_model_path or None  # val and test are both reported for the best checkpoint
     val = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
     test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0] if dm.sizes()["test"] else {}
+    artifacts = module.strategy.save_artifacts(module.model, out) if trainer.is_global_zero else []
     metrics = {
+        "artifacts": [str(a) for a in artifacts],
         "val": {k: float(v) for k, v in val.items()},
         "test": {k: float(v) for k, v in test.items()},
         **module.param_counts(),

@@ -3,5 +3,6 @@
 from visionft.strategies.base import BN_POLICIES, Strategy
 from visionft.strategies.basic import Full, LinearProbe, Partial, Scratch
 from visionft.strategies.gradual import GradualUnfreeze
+from visionft.strategies.lora import Lora
 
-__all__ = ["BN_POLICIES", "Strategy", "Scratch", "LinearProbe", "Full", "Partial", "GradualUnfreeze"]
+__all__ = ["BN_POLICIES", "Strategy", "Scratch", "LinearProbe", "Full", "Partial", "GradualUnfreeze", "Lora"]

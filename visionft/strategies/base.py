@@ -59,6 +59,10 @@ class Strategy:
     def prepare(self, model: nn.Module, backbone) -> nn.Module:
         return model
 
+    def save_artifacts(self, model: nn.Module, out) -> list:
+        """Files a strategy writes next to the checkpoints after the run (e.g. a LoRA adapter); default none."""
+        return []
+
     # -- derived, shared --------------------------------------------------------------------------------------
     def is_open(self, index: int, n_groups: int, epoch: int) -> bool:
         start = self.open_epoch(index, n_groups)

@@ -1,0 +1,114 @@
+"""LoRA and DoRA through peft: low-rank adapters on attention (ViT, DINOv2, CLIP) or convolutions (ResNet block
+convs, EfficientNet pointwise convs); the head trains in full (peft ``modules_to_save``). The adapter, the head and,
+if BatchNorm trains, its statistics are saved alone as a small safetensors file that reloads onto a fresh backbone."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from visionft.strategies.base import Strategy
+
+# Default targets per timm model class (regex, full match on module names of the plain timm model).
+DEFAULT_TARGETS = {
+    "VisionTransformer": r"blocks\.\d+\.attn\.(qkv|proj)",
+    "Eva": r"blocks\.\d+\.attn\.(qkv|q_proj|k_proj|v_proj|proj)",
+    "ResNet": r"layer\d+\.\d+\.conv[1-3]",  # block convs; avoids a deep stem's nn.Sequential named conv1
+    "EfficientNet": r"blocks\.\d+\.\d+\.(conv_pw|conv_pwl)",  # pointwise only: peft cannot merge depthwise convs
+}
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+
+
+@dataclass
+class Lora(Strategy):
+    lr: float = 1e-3
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    use_dora: bool = False
+    target_modules: str | list[str] | None = None  # None: DEFAULT_TARGETS for the backbone's family
+    loraplus_ratio: float = 1.0  # LoRA+: the B matrices get lr x ratio (e.g. 16); 1.0 = off
+
+    def lr_scale(self, index: int, n_groups: int, param_name: str) -> float:
+        scale = super().lr_scale(index, n_groups, param_name)
+        return scale * self.loraplus_ratio if ".lora_B." in param_name else scale
+
+    def targets(self, model: nn.Module) -> list[str]:
+        """Names of the modules to adapt; errors name the problem (no match, grouped convolutions)."""
+        pattern = self.target_modules or DEFAULT_TARGETS.get(type(model).__name__)
+        if pattern is None:
+            raise ValueError(f"no default LoRA targets for {type(model).__name__}: set strategy.target_modules to a "
+                             f"regex over module names (known families: {', '.join(DEFAULT_TARGETS)})")
+        if isinstance(pattern, str):
+            names = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+        else:
+            names = [n for n, _ in model.named_modules() if any(n == p or n.endswith("." + p) for p in pattern)]
+        if not names:
+            examples = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:6]
+            raise ValueError(f"strategy.target_modules={pattern!r} matches no module of {type(model).__name__}; "
+                             f"module names look like {examples}")
+        modules = dict(model.named_modules())
+        grouped = [n for n in names if isinstance(modules[n], nn.Conv2d) and modules[n].groups > 1]
+        if grouped:
+            raise ValueError(f"LoRA targets include grouped/depthwise convolutions {grouped[:3]}: peft needs the rank "
+                             f"to be a multiple of their groups and cannot merge them; target pointwise convs instead")
+        return names
+
+    def peft_config(self, model: nn.Module, classifier: str):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.use_dora,
+                          target_modules=self.targets(model), modules_to_save=[classifier])
+
+    def prepare(self, model: nn.Module, backbone) -> nn.Module:
+        from peft import get_peft_model
+
+        classifier = backbone.groups[-1].params[0].rsplit(".", 1)[0]
+        return get_peft_model(model, self.peft_config(model, classifier))
+
+    def save_artifacts(self, model: nn.Module, out: Path) -> list[Path]:
+        return [*save_adapter(model, out, with_bn_stats=self.bn == "train")]
+
+
+def save_adapter(model: nn.Module, out: Path, with_bn_stats: bool) -> tuple[Path, Path]:
+    """Write the adapter (LoRA/DoRA weights + head [+ BatchNorm statistics]) as safetensors, and its peft config."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    sd = dict(get_peft_model_state_dict(model))
+    if with_bn_stats:
+        sd.update({k: v for k, v in model.state_dict().items()
+                   if k.endswith(("running_mean", "running_var", "num_batches_tracked"))})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / ADAPTER_FILE))
+    config = model.peft_config["default"].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str))
+    return out / ADAPTER_FILE, out / ADAPTER_CONFIG
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply a saved adapter to a freshly built plain timm model (the same backbone and pretrained weights)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    known = set(LoraConfig.__dataclass_fields__)
+    config = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})
+    peft_model = get_peft_model(model, config)
+    sd = load_file(str(folder / ADAPTER_FILE))
+    stats = {k: v for k, v in sd.items() if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    result = set_peft_model_state_dict(peft_model, {k: v for k, v in sd.items() if k not in stats})
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapter {folder} does not fit this model: unexpected {result.unexpected_keys[:5]}")
+    if stats:
+        missing = set(stats) - set(peft_model.state_dict())
+        if missing:
+            raise ValueError(f"adapter {folder} has BatchNorm statistics this model lacks: {sorted(missing)[:5]}")
+        peft_model.load_state_dict(stats, strict=False)
+    return peft_model
