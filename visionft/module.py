@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
@@ -100,7 +101,10 @@ class TransferModule(L.LightningModule):
         """Open the groups due at ``epoch``. On one device, closed groups are hard-frozen (no backward compute);
         under DDP every trainable parameter keeps requires_grad (the reducer is built once) and
         ``on_before_optimizer_step`` drops closed groups' gradients instead."""
-        if self.trainer.world_size == 1:
+        # Only a single-device strategy may toggle requires_grad mid-run: a DDP reducer (even of one process) is
+        # built once and fails when a parameter it tracks stops receiving gradients.
+        single = isinstance(self.trainer.strategy, SingleDeviceStrategy)
+        if single:
             for name, p in self.model.named_parameters():
                 if name in self.trainable:
                     p.requires_grad_(self.is_open(self.depths[name], epoch))

@@ -42,9 +42,12 @@ def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoin
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     monitor = cfg.callbacks.monitor
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max",
-                           save_last=True, save_top_k=1, auto_insert_metric_name=False)
+                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    # Lightning 2.6 writes save_last only when a top-k save happened; "last" must follow every epoch (resume=true)
+    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
     speed = TrainThroughput()
-    callbacks = [ckpt, speed, NanGuard()]
+    callbacks = [ckpt, last, speed, NanGuard()]
     if cfg.callbacks.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.callbacks.early_stopping_patience))
     if cfg.callbacks.ema_decay:
