@@ -52,7 +52,9 @@ class _TransformDataset(Dataset):
 def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Seeded, stratified (rest, held_out) split of ``fraction`` of the images."""
     index = np.arange(len(split))
-    stratify = split.labels if np.bincount(split.labels).min() >= 2 else None
+    n_classes, n_held = len(np.unique(split.labels)), int(np.ceil(fraction * len(split)))
+    # stratify when every class can appear on both sides; tiny splits fall back to a plain seeded split
+    stratify = split.labels if np.bincount(split.labels).min() >= 2 and n_held >= n_classes else None
     rest, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
     return split.subset(np.sort(rest)), split.subset(np.sort(held))
 

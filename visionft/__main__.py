@@ -1,4 +1,9 @@
-"""Entry point: ``python -m visionft [hydra overrides]`` (also the ``visionft`` console script)."""
+"""Entry point (also the ``visionft`` console script):
+
+    python -m visionft [hydra overrides]        train (and optionally export=<format>)
+    python -m visionft export --ckpt ... --format torchscript|onnx|exported_program
+    python -m visionft predict --model ... --inputs ...
+"""
 from __future__ import annotations
 
 import os
@@ -41,6 +46,10 @@ def _single_log_handler() -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("export", "predict"):
+        from visionft.cli import run
+
+        sys.exit(run(sys.argv[1], sys.argv[2:]))
     _hydra_main()
 
 

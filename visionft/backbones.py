@@ -33,6 +33,7 @@ class Backbone:
     data_config: dict[str, Any]
     weights: str = "random"
     bn_groups: dict[str, int] = field(default_factory=dict)  # BatchNorm module name -> group index
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model arguments beyond name/num_classes
 
 
 def depth_groups(model: nn.Module) -> list[DepthGroup]:
@@ -76,16 +77,16 @@ def bn_group_index(model: nn.Module, groups: list[DepthGroup]) -> dict[str, int]
     return out
 
 
-def _create(name: str, num_classes: int, image_size: int | None, kwargs: dict) -> nn.Module:
+def _create(name: str, num_classes: int, image_size: int | None, kwargs: dict) -> tuple[nn.Module, dict]:
     try:
         if image_size:
             try:  # ViTs are built for one input size: position embeddings sized for image_size
-                return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=image_size,
-                                         **kwargs)
+                sized = {**kwargs, "img_size": int(image_size)}
+                return timm.create_model(name, pretrained=False, num_classes=num_classes, **sized), sized
             except TypeError as e:
                 if "img_size" not in str(e):
                     raise
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs), kwargs
     except RuntimeError as e:
         if "Unknown model" not in str(e):
             raise
@@ -106,7 +107,7 @@ def create_backbone(
 ) -> Backbone:
     """Build timm model ``name`` with a ``num_classes`` head and load its weights: ``checkpoint`` (a local file)
     wins over ``pretrained`` (offline package, local cache, then hub); neither means random init."""
-    model = _create(name, num_classes, image_size, dict(kwargs or {}))
+    model, used_kwargs = _create(name, num_classes, image_size, dict(kwargs or {}))
     if checkpoint:
         apply_state_dict(model, load_state_dict_file(checkpoint), str(checkpoint))
         weights = f"checkpoint:{checkpoint}"
@@ -118,4 +119,4 @@ def create_backbone(
     if image_size:
         data_config["input_size"] = (3, int(image_size), int(image_size))
     groups = depth_groups(model)
-    return Backbone(model, name, groups, data_config, weights, bn_group_index(model, groups))
+    return Backbone(model, name, groups, data_config, weights, bn_group_index(model, groups), used_kwargs)

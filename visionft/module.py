@@ -47,8 +47,17 @@ def make_metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 class TransferModule(L.LightningModule):
     def __init__(self, model: nn.Module, backbone: Backbone, strategy: Strategy, num_classes: int,
-                 options: TrainOptions | None = None, hparams: dict | None = None) -> None:
+                 options: TrainOptions | None = None, hparams: dict | None = None,
+                 classes: list[str] | None = None) -> None:
         super().__init__()
+        dc = backbone.data_config
+        self.meta = {  # what export and inference need, saved in every checkpoint (plain types: weights-only)
+            "timm_name": backbone.name, "num_classes": num_classes,
+            "classes": list(classes or [str(i) for i in range(num_classes)]),
+            "image_size": int(dc["input_size"][-1]), "interpolation": dc["interpolation"],
+            "mean": [float(v) for v in dc["mean"]], "std": [float(v) for v in dc["std"]],
+            "crop_pct": float(dc.get("crop_pct", 1.0)), "model_kwargs": dict(backbone.model_kwargs),
+        }
         self.save_hyperparameters(hparams or {})  # plain containers only: checkpoints load weights-only
         self.model, self.strategy, self.options = model, strategy, options or TrainOptions()
         self.group_names = [g.name for g in backbone.groups]
@@ -223,6 +232,9 @@ class TransferModule(L.LightningModule):
         return {"group": name, "depth": depth, "tensors": len(params), "params": sum(p.numel() for p in params),
                 "lr": float(lr), "weight_decay": float(wd),
                 "trainable": (not frozen) and self.is_open(depth, epoch), "bn": bn.get(depth, "-")}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["visionft"] = self.meta
 
     def param_counts(self) -> dict[str, int]:
         """Trainable (updated at some point in the run) and total parameters; peft's frozen copy of a

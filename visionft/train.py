@@ -82,7 +82,8 @@ def build(cfg: DictConfig):
     backbone = create_backbone(
         cfg.backbone.name, dm.num_classes,
         pretrained=bool(cfg.backbone.pretrained) and strategy.uses_pretrained,
-        checkpoint=cfg.backbone.get("checkpoint"), image_size=image_size, kwargs=cfg.backbone.get("kwargs"),
+        checkpoint=cfg.backbone.get("checkpoint"), image_size=image_size,
+        kwargs=OmegaConf.to_container(cfg.backbone.kwargs, resolve=True) if cfg.backbone.get("kwargs") else {},
     )
     dc = backbone.data_config
     dm.configure(dc["input_size"][-1], dc["interpolation"], dc["crop_pct"])
@@ -94,7 +95,7 @@ def build(cfg: DictConfig):
         channels_last=bool(cfg.channels_last),
     )
     hparams = OmegaConf.to_container(cfg, resolve=True)
-    module = TransferModule(model, backbone, strategy, dm.num_classes, options, hparams)
+    module = TransferModule(model, backbone, strategy, dm.num_classes, options, hparams, classes=dm.classes)
     return dm, backbone, module
 
 
@@ -117,6 +118,10 @@ def train(cfg: DictConfig) -> dict:
     val = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
     test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0] if dm.sizes()["test"] else {}
     artifacts = module.strategy.save_artifacts(module.model, out) if trainer.is_global_zero else []
+    if cfg.get("export") and trainer.is_global_zero:
+        from visionft.export import export
+
+        artifacts.append(export(best or out / "checkpoints" / "last.ckpt", cfg.export, out / "export" / cfg.export)[0])
     metrics = {
         "artifacts": [str(a) for a in artifacts],
         "val": {k: float(v) for k, v in val.items()},

@@ -1,0 +1,39 @@
+"""A Hydra multirun over freezing depth, collected by tools/sweep_report.py."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_freeze_depth_sweep_and_report(tmp_path):
+    sweep = tmp_path / "multirun"
+    cmd = [sys.executable, "-m", "visionft", "-m", "strategy=partial", "strategy.freeze_depth=0,2,4",
+           "data=synthetic", "data.train_size=96", "data.test_size=32", "backbone.name=test_resnet",
+           "backbone.pretrained=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+           "trainer.accelerator=cpu", f"hydra.sweep.dir={sweep}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
+    assert jobs == ["0", "1", "2"]
+    trainable = [json.loads((sweep / j / "metrics.json").read_text())["trainable_params"] for j in jobs]
+    assert trainable[0] > trainable[1] > trainable[2] > 0  # deeper freezing, fewer trainable parameters
+
+    report = subprocess.run([sys.executable, str(ROOT / "tools" / "sweep_report.py"), str(sweep)],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    table = report.stdout
+    assert "strategy.freeze_depth" in table and "test/acc" in table
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert [r["strategy.freeze_depth"] for r in rows] == ["0", "2", "4"]
+    assert [int(r["trainable_params"]) for r in rows] == trainable
+    assert (sweep / "report.png").stat().st_size > 1000 and (sweep / "report.md").is_file()

@@ -1,0 +1,74 @@
+"""Benchmarks: run named cases through ``train(cfg)`` in-process and print a table and JSON.
+
+    python tools/bench.py                       # the offline quickstart (default config)
+    python tools/bench.py --case strategies     # every strategy on the default backbone and data
+    python tools/bench.py --case quickstart --out bench.json trainer.max_epochs=4   # extra Hydra overrides
+
+Each row: test accuracy and macro-F1 of the best checkpoint, trainable/total parameters, train images/s (training
+batches only) and the whole run's wall time (data, model build, fit, val and test). Speed targets live here, not in
+timed tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import open_dict
+
+CASES = {
+    "quickstart": {"quickstart": []},
+    "strategies": {s: [f"strategy={s}"] for s in (
+        "scratch", "linear_probe", "partial", "full", "gradual_unfreeze", "layerwise_lr", "ulmfit", "lora", "dora")},
+}
+
+
+def run(name: str, overrides: list[str], out: Path) -> dict:
+    from visionft.train import train
+
+    with initialize_config_module("visionft.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["trainer.enable_progress_bar=false", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out / name)
+    m = train(cfg)
+    return {"case": name, "overrides": " ".join(overrides), "test_acc": round(m["test"].get("test/acc", 0.0), 4),
+            "test_f1_macro": round(m["test"].get("test/f1_macro", 0.0), 4),
+            "trainable_params": m["trainable_params"], "total_params": m["total_params"],
+            "train_images_per_s": m["train_images_per_s"], "wall_time_s": m["wall_time_s"], "epochs": m["epochs"]}
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["case", "test_acc", "test_f1_macro", "trainable_params", "total_params", "train_images_per_s",
+            "wall_time_s", "epochs"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=sorted(CASES), default="quickstart")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="visionft-bench-"))
+    rows = [run(name, [*ov, *a.overrides], work) for name, ov in CASES[a.case].items()]
+    report = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                          "python": platform.python_version(), "torch": torch.__version__},
+              "rows": rows}
+    print(table(rows))
+    print(json.dumps(report, indent=2))
+    if a.out:
+        a.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""``visionft export`` and ``visionft predict``: plain argparse, so that any path works (Hydra's override grammar
+rejects spaces, parentheses, commas, '=' and non-ASCII characters in values)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from visionft.export import FORMATS
+
+
+def export_main(argv: list[str]) -> int:
+    from visionft.export import export
+
+    p = argparse.ArgumentParser(prog="visionft export", description="Export a trained checkpoint, with parity checks.")
+    p.add_argument("--ckpt", required=True, help="a visionft Lightning .ckpt (e.g. <run>/checkpoints/best.ckpt)")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS))
+    p.add_argument("--out", default=None, help="output folder (default: <run>/export/<format>)")
+    a = p.parse_args(argv)
+    artifact, report = export(a.ckpt, a.format, a.out)
+    print(f"exported {artifact}\nparity ({report['inputs']}): {json.dumps({k: v for k, v in report.items() if k != 'inputs'})}")
+    return 0
+
+
+def predict_main(argv: list[str]) -> int:
+    from visionft.predict import predict
+
+    p = argparse.ArgumentParser(prog="visionft predict", description="Top-k predictions with an exported model.")
+    p.add_argument("--model", required=True, help="model.pt (TorchScript), model.onnx or model.pt2")
+    p.add_argument("--inputs", required=True, nargs="+", help="image files and/or folders")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--out", default=None, help="write predictions as CSV here")
+    p.add_argument("--batch-size", type=int, default=64)
+    a = p.parse_args(argv)
+    rows, failed = predict(a.model, a.inputs, a.topk, a.out, a.batch_size)
+    for r in rows if not a.out else []:
+        print(r["path"], r["label_1"], r["prob_1"])
+    print(f"{len(rows)} images predicted" + (f", written to {a.out}" if a.out else ""))
+    for path, why in failed:
+        print(f"unreadable: {path}: {why}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"export": export_main, "predict": predict_main}
+
+
+def run(command: str, argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[command](argv)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

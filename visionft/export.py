@@ -1,0 +1,140 @@
+"""Export a trained checkpoint for deployment: TorchScript, ONNX or a torch.export ExportedProgram, plus the
+weights as ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``: pretrained-config preprocessing and
+label names; loadable with ``timm.create_model('local-dir:DIR', pretrained=True)``). LoRA/DoRA adapters are merged
+first, so the artifact needs neither peft nor visionft. Every export checks itself against the eager model before it
+reports success."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "exported_program": "model.pt2"}
+TOLERANCE = 1e-4  # max abs logit difference, fp32
+
+
+class ExportCheckFailed(RuntimeError):
+    pass
+
+
+def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
+    """The plain timm model of a visionft checkpoint (adapters merged), its metadata and its run config."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from visionft.backbones import create_backbone
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if "visionft" not in ckpt:
+        raise ValueError(f"{ckpt_path} is not a visionft checkpoint (no 'visionft' metadata)")
+    meta, cfg = ckpt["visionft"], OmegaConf.create(ckpt["hyper_parameters"])
+    backbone = create_backbone(meta["timm_name"], meta["num_classes"], pretrained=False,
+                               kwargs={k: v for k, v in meta["model_kwargs"].items() if k != "img_size"},
+                               image_size=meta["model_kwargs"].get("img_size"))
+    model = instantiate(cfg.strategy).prepare(backbone.model, backbone)
+    model.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    if hasattr(model, "merge_and_unload"):  # peft: fold the adapters into the base weights
+        model = model.merge_and_unload()
+    return model.eval(), meta, ckpt["hyper_parameters"]
+
+
+def normalize(images: torch.Tensor, meta: dict) -> torch.Tensor:
+    mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1) * 255
+    std = torch.tensor(meta["std"]).view(1, -1, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def held_out_batch(hparams: dict, meta: dict, n: int = 256) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` normalized test images of the run's dataset, or synthetic inputs when the data is not here."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    try:
+        dm = instantiate(OmegaConf.create(hparams)["data"])
+        dm.configure(meta["image_size"], meta["interpolation"], meta["crop_pct"])
+        ds = dm.dataset("test")
+        images = torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
+        return normalize(images, meta), f"{len(images)} held-out test images"
+    except Exception as e:  # noqa: BLE001 - any failure to reach the data means synthetic inputs
+        log.warning("held-out images unavailable (%s); checking the export on synthetic inputs", e)
+        g = torch.Generator().manual_seed(0)
+        s = meta["image_size"]
+        return torch.randn(min(n, 16), 3, s, s, generator=g), "synthetic inputs (held-out images unavailable)"
+
+
+def _torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; silence that here only
+        warnings.simplefilter("ignore")
+        try:
+            scripted = torch.jit.script(model)
+        except Exception as e:  # noqa: BLE001 - not every timm model scripts; tracing is exact for these nets
+            log.info("torch.jit.script failed (%s); tracing instead", str(e).splitlines()[0][:120])
+            scripted = torch.jit.trace(model, example, check_trace=False)
+        scripted.save(str(path))
+
+
+def _exported_program(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(ep, str(path))
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}, dynamo=True)
+
+
+EXPORTERS = {"torchscript": _torchscript, "onnx": _onnx, "exported_program": _exported_program}
+
+
+def check_parity(model: nn.Module, runner, inputs: torch.Tensor, source: str, tol: float = TOLERANCE) -> dict:
+    """Batch 1 and batch N: max |logit| difference <= tol, and the same top-1 wherever the eager top-2 margin
+    exceeds tol (near-ties on barely trained models are not failures). Raises ExportCheckFailed."""
+    report = {"inputs": source}
+    for label, x in (("batch_1", inputs[:1]), (f"batch_{len(inputs)}", inputs)):
+        with torch.no_grad():
+            ref = model(x)
+        got = torch.as_tensor(runner(x))
+        diff = (ref - got).abs().max().item()
+        top2 = ref.topk(min(2, ref.shape[1]), dim=1).values
+        clear = (top2[:, 0] - top2[:, -1]) > tol
+        agree = (ref.argmax(1) == got.argmax(1))[clear].float().mean().item() if clear.any() else 1.0
+        report[label] = {"max_abs_diff": diff, "top1_agreement": agree, "checked": int(clear.sum())}
+        if diff > tol or agree < 1.0:
+            raise ExportCheckFailed(f"export check failed on {label} ({source}): max |diff| {diff:.2e} "
+                                    f"(tolerance {tol:.0e}), top-1 agreement {agree:.4f}")
+    return report
+
+
+def export(ckpt_path: str | Path, fmt: str, out_dir: str | Path | None = None) -> tuple[Path, dict]:
+    """Write ``fmt``'s artifact, ``config.json`` and ``model.safetensors`` into ``out_dir``; return the artifact path
+    and the parity report. Nothing is reported as exported unless the check passed."""
+    import json
+
+    import timm
+
+    from visionft.predict import load_runner
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    model, meta, hparams = load_trained(ckpt_path)
+    out = Path(out_dir) if out_dir else Path(ckpt_path).resolve().parent.parent / "export" / fmt
+    out.mkdir(parents=True, exist_ok=True)
+    inputs, source = held_out_batch(hparams, meta)
+    artifact = out / FORMATS[fmt]
+    EXPORTERS[fmt](model, inputs[:2], artifact)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, meta["image_size"], meta["image_size"]),
+                            "interpolation": meta["interpolation"], "mean": tuple(meta["mean"]),
+                            "std": tuple(meta["std"]), "crop_pct": meta["crop_pct"], "num_classes": meta["num_classes"]}
+    timm.models.save_for_hf(model, str(out), model_config={"label_names": meta["classes"]},
+                            model_args=meta["model_kwargs"] or None, safe_serialization=True)
+    report = check_parity(model, load_runner(artifact), inputs, source)
+    (out / "export_check.json").write_text(json.dumps(report, indent=2))
+    log.info("exported %s (%s); parity: %s", artifact, fmt, report)
+    return artifact, report

@@ -1,0 +1,98 @@
+"""Batch inference with an exported artifact: TorchScript (torch alone), ONNX (onnxruntime) or ExportedProgram
+(torch). Preprocessing (size, interpolation, crop, mean/std) and label names come from the ``config.json`` beside
+the artifact; images are read like training images (any PIL format, EXIF orientation, converted to RGB)."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_runner(artifact: str | Path):
+    """A callable mapping a normalized float NCHW tensor to logits, for any of the three formats."""
+    artifact = Path(artifact)
+    if artifact.suffix == ".onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})[0])
+    if artifact.suffix == ".pt2":
+        module = torch.export.load(str(artifact)).module()
+        return lambda x: module(x).detach()
+    if artifact.suffix == ".pt":
+        module = torch.jit.load(str(artifact), map_location="cpu").eval()
+        return lambda x: module(x).detach()
+    raise ValueError(f"unknown artifact {artifact}: expected model.pt (TorchScript), model.onnx or model.pt2")
+
+
+def read_config(artifact: Path) -> dict:
+    path = artifact.parent / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: predict needs the config.json written by `visionft export`")
+    cfg = json.loads(path.read_text())
+    pre = cfg["pretrained_cfg"]
+    return {"size": int(pre["input_size"][-1]), "interpolation": pre.get("interpolation", "bicubic"),
+            "crop_pct": float(pre.get("crop_pct", 1.0)), "mean": pre["mean"], "std": pre["std"],
+            "labels": cfg.get("label_names") or [str(i) for i in range(cfg["num_classes"])]}
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def expand(inputs: list[str]) -> list[Path]:
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(item)
+    return files
+
+
+def predict(artifact: str | Path, inputs: list[str], topk: int = 5, out: str | Path | None = None,
+            batch_size: int = 64) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Top-k predictions for every readable image; unreadable files are returned (and logged), not fatal."""
+    from datamodules.imagefolder import read_rgb
+    from datamodules.transforms import eval_transform, to_chw_uint8
+
+    artifact = Path(artifact)
+    cfg, run = read_config(artifact), load_runner(artifact)
+    transform = eval_transform(cfg["size"], cfg["interpolation"], cfg["crop_pct"])
+    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1) * 255
+    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1) * 255
+    k = min(topk, len(cfg["labels"]))
+    rows, failed, batch = [], [], []
+
+    def flush():
+        x = (torch.stack([t for _, t in batch]).float() - mean) / std
+        probs = run(x).float().softmax(-1)
+        p, idx = probs.topk(k, dim=1)
+        for (path, _), pi, ii in zip(batch, p.tolist(), idx.tolist()):
+            rows.append({"path": str(path), **{f"label_{j + 1}": cfg["labels"][c] for j, c in enumerate(ii)},
+                         **{f"prob_{j + 1}": round(v, 6) for j, v in enumerate(pi)}})
+        batch.clear()
+
+    for path in expand(inputs):
+        try:
+            batch.append((path, to_chw_uint8(transform(image=read_rgb(str(path)))["image"])))
+        except (RuntimeError, OSError) as e:
+            failed.append((str(path), str(e)))
+            log.warning("skipped unreadable %s", path)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if out:
+        with open(out, "w", newline="") as f:
+            cols = ["path", *(f"label_{j + 1}" for j in range(k)), *(f"prob_{j + 1}" for j in range(k))]
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+    return rows, failed
