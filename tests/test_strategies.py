@@ -162,3 +162,12 @@ def test_module_never_branches_on_strategy_name():
     src = inspect.getsource(m)
     assert "isinstance(self.strategy" not in src and "strategy ==" not in src and "LinearProbe" not in src
     assert issubclass(TransferModule, L.LightningModule)
+
+
+def test_bad_strategy_options_are_clear_errors(tiny_cfg):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="valid: frozen, train"):
+        build(tiny_cfg("strategy.bn=foo"))
+    with pytest.raises(ValueError, match=r"max_depth must be in 1\.\.6"):
+        build(tiny_cfg("strategy=gradual_unfreeze", "strategy.max_depth=9"))

@@ -26,8 +26,19 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from visionft.weights import WeightsUnavailable
 
     _single_log_handler()
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         metrics = train(cfg)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", "") or str(e).split("\n")[0]
+        print(f"error: {key} is required and not set: pass {key}=... on the command line", file=sys.stderr)
+        sys.exit(2)
+    except InstantiationException as e:  # a constructor refused its options: show its own message
+        cause = e.__cause__ or e
+        print(f"error: {str(cause).strip().splitlines()[-1]}", file=sys.stderr)
+        sys.exit(2)
     except (WeightsUnavailable, NonFiniteLoss, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,7 @@
 the data config (input size, interpolation, mean/std, crop) from the model's ``pretrained_cfg``."""
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,8 +91,7 @@ def _create(name: str, num_classes: int, image_size: int | None, kwargs: dict) -
     except RuntimeError as e:
         if "Unknown model" not in str(e):
             raise
-        arch = name.split(".")[0]
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6, cutoff=0.6)
         raise ValueError(f"unknown timm model {name!r} (backbone.name). Similar timm models: {close}. "
                          f"Presets: see conf/backbone/ or `python -m visionft --help`") from None
 
