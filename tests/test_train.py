@@ -63,3 +63,33 @@ def test_nan_loss_is_a_clear_error(tiny_cfg, tmp_path):
 
     with pytest.raises(NonFiniteLoss, match="strategy.lr"):
         train(tiny_cfg("strategy.lr=1e30", "strategy.bn=train", output_dir=tmp_path / "nan"))
+
+
+def test_compile_failure_falls_back_to_eager(tiny_cfg, monkeypatch):
+    """A compiler that breaks in backward (as inductor did on ResNet-18 + channels_last) leaves the run eager."""
+    from visionft.compile import maybe_compile
+    from visionft.train import build
+
+    class BrokenBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("inductor stride assert")
+
+    def fake_compile(model, **kwargs):
+        return lambda x: BrokenBackward.apply(model(x))
+
+    dm, _, module = build(tiny_cfg())
+    eager = module.model
+    before = {k: v.clone() for k, v in eager.state_dict().items()}
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert maybe_compile(module, dm) is False
+    assert module.model is eager and module.__dict__["_compiled"] is None
+    assert all(torch.equal(before[k], v) for k, v in eager.state_dict().items())  # the trial step left no trace
+    assert all(p.grad is None for p in eager.parameters())
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model.forward)  # a compiler that works is kept
+    assert maybe_compile(module, dm) is True
+    assert module.__dict__["_compiled"] is not None and module.model is eager

@@ -16,7 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from visionft.backbones import Backbone
-from visionft.optim import build_param_groups, group_table, lr_lambdas, param_depths, warmup_cosine
+from visionft.optim import build_param_groups, group_table, lr_lambdas, param_depths, plain_name, warmup_cosine
 from visionft.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -45,28 +45,32 @@ def make_metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
+def checkpoint_meta(backbone: Backbone, num_classes: int, classes: list[str] | None) -> dict:
+    """What export and inference need, saved in every checkpoint (plain types: checkpoints load weights-only)."""
+    dc = backbone.data_config
+    return {
+        "timm_name": backbone.name, "num_classes": num_classes,
+        "classes": list(classes or [str(i) for i in range(num_classes)]),
+        "image_size": int(dc["input_size"][-1]), "interpolation": dc["interpolation"],
+        "mean": [float(v) for v in dc["mean"]], "std": [float(v) for v in dc["std"]],
+        "crop_pct": float(dc.get("crop_pct", 1.0)), "model_kwargs": dict(backbone.model_kwargs),
+    }
+
+
 class TransferModule(L.LightningModule):
     def __init__(self, model: nn.Module, backbone: Backbone, strategy: Strategy, num_classes: int,
                  options: TrainOptions | None = None, hparams: dict | None = None,
                  classes: list[str] | None = None) -> None:
         super().__init__()
-        dc = backbone.data_config
-        self.meta = {  # what export and inference need, saved in every checkpoint (plain types: weights-only)
-            "timm_name": backbone.name, "num_classes": num_classes,
-            "classes": list(classes or [str(i) for i in range(num_classes)]),
-            "image_size": int(dc["input_size"][-1]), "interpolation": dc["interpolation"],
-            "mean": [float(v) for v in dc["mean"]], "std": [float(v) for v in dc["std"]],
-            "crop_pct": float(dc.get("crop_pct", 1.0)), "model_kwargs": dict(backbone.model_kwargs),
-        }
+        self.meta = checkpoint_meta(backbone, num_classes, classes)
         self.save_hyperparameters(hparams or {})  # plain containers only: checkpoints load weights-only
         self.model, self.strategy, self.options = model, strategy, options or TrainOptions()
         self.group_names = [g.name for g in backbone.groups]
         self.n_groups = len(backbone.groups)
         strategy.validate(self.n_groups)
         self.depths = param_depths(model, backbone)
-        modules = dict(model.named_modules())
-        self.bn_modules = [(m, d) for name, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                           for d in [self._module_depth(name, backbone)]]
+        self.bn_modules = [(m, backbone.bn_groups[plain_name(name)]) for name, m in model.named_modules()
+                           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._freeze_never_open()
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         mean, std = backbone.data_config["mean"], backbone.data_config["std"]
@@ -85,11 +89,6 @@ class TransferModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
 
     # -- groups ---------------------------------------------------------------------------------------------
-    def _module_depth(self, name: str, backbone: Backbone) -> int:
-        from visionft.optim import plain_name
-
-        return backbone.bn_groups[plain_name(name)]
-
     def _freeze_never_open(self) -> None:
         for name, p in self.model.named_parameters():
             if self.strategy.open_epoch(self.depths[name], self.n_groups) is None:
@@ -131,8 +130,17 @@ class TransferModule(L.LightningModule):
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.options.channels_last else x
 
+    def use_compiled(self, fn) -> None:
+        """Run the model through ``fn`` (a torch.compile of ``self.model``) or, with None, eagerly. Kept out of the
+        module tree so parameter names, state_dict keys and depth groups stay those of ``self.model``."""
+        self.__dict__["_compiled"] = fn
+
+    def net(self, x: torch.Tensor) -> torch.Tensor:
+        compiled = self.__dict__.get("_compiled")
+        return self.model(x) if compiled is None else compiled(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x))
+        return self.net(self.normalize(x))
 
     def _make_mixup(self, num_classes: int):
         o = self.options
@@ -147,7 +155,7 @@ class TransferModule(L.LightningModule):
         x, y = batch
         if self.mixup is not None and x.shape[0] % 2 == 0:
             x, soft = self.mixup(self.normalize(x), y)
-            logits = self.model(x)
+            logits = self.net(x)
             loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
         else:
             logits = self(x)

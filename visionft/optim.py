@@ -20,7 +20,7 @@ _WRAPPER_PARTS = ("base_model.model.", ".base_layer", ".modules_to_save.default"
 def plain_name(name: str) -> str:
     """A parameter's name in the plain timm model, with peft's wrapping removed."""
     for part in _WRAPPER_PARTS:
-        name = name.replace(part, "" if part.startswith(".") else "")
+        name = name.replace(part, "")
     return name
 
 
