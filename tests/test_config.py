@@ -42,3 +42,28 @@ def test_unknown_strategy_lists_the_valid_ones(tmp_path):
     with pytest.raises(Exception) as e:
         compose_cfg(["strategy=nope"], tmp_path)
     assert "linear_probe" in str(e.value) and "full" in str(e.value)
+
+
+@pytest.mark.slow
+def test_configs_are_found_from_a_non_editable_install(tmp_path):
+    """Build the wheel, install it into a folder and compose from there: the YAMLs ship inside the package."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root),
+                    "-w", str(wheels)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheels.glob("visionft-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    code = ("import visionft.conf, hydra; from hydra import compose, initialize_config_module\n"
+            "with initialize_config_module('visionft.conf', version_base='1.3'):\n"
+            "    cfg = compose('config', overrides=['strategy=ulmfit', 'backbone=dinov2_small'])\n"
+            "print(visionft.conf.__file__); print(cfg.strategy.layer_decay, cfg.backbone.name)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    conf_file, values = r.stdout.splitlines()[:2]
+    assert conf_file.startswith(str(target))  # not the source tree
+    assert values == "0.75 vit_small_patch14_dinov2.lvd142m"
