@@ -72,3 +72,10 @@ def train_transform(size: int, interpolation: str = "bicubic", augment: Mapping 
 
 def to_chw_uint8(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 NCHW batch -> float, normalized with mean/std given in [0, 1] units (timm's pretrained_cfg)."""
+    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    return (images.float() - mean) / std

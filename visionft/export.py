@@ -42,23 +42,19 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
     return model.eval(), meta, ckpt["hyper_parameters"]
 
 
-def normalize(images: torch.Tensor, meta: dict) -> torch.Tensor:
-    mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1) * 255
-    std = torch.tensor(meta["std"]).view(1, -1, 1, 1) * 255
-    return (images.float() - mean) / std
-
-
 def held_out_batch(hparams: dict, meta: dict, n: int = 256) -> tuple[torch.Tensor, str]:
     """Up to ``n`` normalized test images of the run's dataset, or synthetic inputs when the data is not here."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
+    from datamodules.transforms import normalize_uint8
 
     try:
         dm = instantiate(OmegaConf.create(hparams)["data"])
         dm.configure(meta["image_size"], meta["interpolation"], meta["crop_pct"])
         ds = dm.dataset("test")
         images = torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
-        return normalize(images, meta), f"{len(images)} held-out test images"
+        return normalize_uint8(images, meta["mean"], meta["std"]), f"{len(images)} held-out test images"
     except Exception as e:  # noqa: BLE001 - any failure to reach the data means synthetic inputs
         log.warning("held-out images unavailable (%s); checking the export on synthetic inputs", e)
         g = torch.Generator().manual_seed(0)

@@ -60,18 +60,16 @@ def predict(artifact: str | Path, inputs: list[str], topk: int = 5, out: str | P
             batch_size: int = 64) -> tuple[list[dict], list[tuple[str, str]]]:
     """Top-k predictions for every readable image; unreadable files are returned (and logged), not fatal."""
     from datamodules.imagefolder import read_rgb
-    from datamodules.transforms import eval_transform, to_chw_uint8
+    from datamodules.transforms import eval_transform, normalize_uint8, to_chw_uint8
 
     artifact = Path(artifact)
     cfg, run = read_config(artifact), load_runner(artifact)
     transform = eval_transform(cfg["size"], cfg["interpolation"], cfg["crop_pct"])
-    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1) * 255
-    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1) * 255
     k = min(topk, len(cfg["labels"]))
     rows, failed, batch = [], [], []
 
     def flush():
-        x = (torch.stack([t for _, t in batch]).float() - mean) / std
+        x = normalize_uint8(torch.stack([t for _, t in batch]), cfg["mean"], cfg["std"])
         probs = run(x).float().softmax(-1)
         p, idx = probs.topk(k, dim=1)
         for (path, _), pi, ii in zip(batch, p.tolist(), idx.tolist()):
