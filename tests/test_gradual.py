@@ -16,13 +16,13 @@ GRADUAL = ["backbone.name=test_resnet", "+backbone.kwargs.zero_init_last=false",
 class OnResume(L.Callback):
     """What the optimizer and the gates look like at the first resumed epoch."""
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+    def on_before_backward(self, trainer, module, loss):  # after the gates of this batch were applied
         if not hasattr(self, "epoch"):  # (Lightning re-enters the finished epoch 1 first, with no batches)
             self.epoch = trainer.current_epoch
             opt = trainer.optimizers[0]
             self.state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in module.model.named_parameters()
                           if p in opt.state}
-            self.open = [module.is_open(d, trainer.current_epoch) for d in range(module.n_groups)]
+            self.open = [module.gates.is_open(d, trainer.current_epoch) for d in range(module.gates.n_groups)]
             self.requires_grad = {n for n, p in module.model.named_parameters() if p.requires_grad}
 
 
@@ -38,16 +38,16 @@ def test_resume_mid_schedule_keeps_unfrozen_groups_and_their_optimizer_state(tin
     trainer.fit(module, datamodule=dm, ckpt_path=str(out / "checkpoints" / "last.ckpt"))
     assert probe.epoch == 2
     assert probe.open == [False, False, False, True, True, True]  # head, block4 and now block3
-    block4 = {n for n in probe.requires_grad if module.depths[n] == 4}
+    block4 = {n for n in probe.requires_grad if module.gates.depths[n] == 4}
     assert block4 and block4 <= probe.requires_grad
-    assert not any(module.depths[n] < 3 for n in probe.requires_grad)
+    assert not any(module.gates.depths[n] < 3 for n in probe.requires_grad)
     # the Adam state of the head and block4 came back from the checkpoint, exactly; block3 starts fresh
     saved_state = saved["optimizer_states"][0]["state"]
     steps = sorted({int(s["step"]) for s in saved_state.values()})
     assert steps == [3, 6]  # block4 trained 3 steps (epoch 1), the head 6 (epochs 0-1)
     restored = {n: int(s["step"]) for n, s in probe.state.items()}
-    assert {module.depths[n] for n in restored} == {4, 5}
-    assert all(restored[n] == (6 if module.depths[n] == 5 else 3) for n in restored)
+    assert {module.gates.depths[n] for n in restored} == {4, 5}
+    assert all(restored[n] == (6 if module.gates.depths[n] == 5 else 3) for n in restored)
     # and the scheduler continued from step 6: every open group's LR follows the global schedule
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 12
 

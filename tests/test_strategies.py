@@ -53,12 +53,14 @@ class Recorder(L.Callback):
         self._bn_before = {n: m.running_mean.clone() for n, m in _bns(module)}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        e = trainer.current_epoch
-        if batch_idx == 0:
-            self.bn_mode[e] = {n: m.training for n, m in _bns(module)}
-            self.rows[e] = module.param_group_rows()
         opt = trainer.optimizers[0]
         self.lrs[trainer.global_step] = [(g["depth"], g["lr"], g["lr_mult"]) for g in opt.param_groups]
+
+    def on_before_backward(self, trainer, module, loss):  # the modes the forward pass ran with
+        e = trainer.current_epoch
+        if e not in self.bn_mode:
+            self.bn_mode[e] = {n: m.training for n, m in _bns(module)}
+            self.rows[e] = module.param_group_rows()
 
     def on_train_epoch_end(self, trainer, module):
         e = trainer.current_epoch
@@ -98,7 +100,7 @@ def test_strategy_table(case, model, tiny_cfg):
     for epoch in range(EPOCHS):
         # 1. exactly the tensors of the open groups received updates in this epoch
         peft = case in ("lora", "dora")
-        expected = {n for n, _ in module.model.named_parameters() if module.depths[n] in opened[epoch]
+        expected = {n for n, _ in module.model.named_parameters() if module.gates.depths[n] in opened[epoch]
                     and (not peft or any(a in n for a in ADAPTED))}
         assert rec.changed[epoch] == expected, f"epoch {epoch}"
         if peft:
@@ -119,7 +121,7 @@ def test_strategy_table(case, model, tiny_cfg):
             assert lr == pytest.approx(base * mult * is_open, rel=1e-6, abs=1e-12), (step, depth)
     # 4. what the logged param-group table reports agrees, epoch by epoch
     for epoch, rows in rec.rows.items():
-        with_tensors = {module.depths[n] for n in rec.changed[epoch]}  # LoRA leaves e.g. a ViT stem untouched
+        with_tensors = {module.gates.depths[n] for n in rec.changed[epoch]}  # LoRA leaves e.g. a ViT stem untouched
         assert {r["depth"] for r in rows if r["trainable"]} == opened[epoch] & with_tensors
         bn_rows = {r["depth"]: r["bn"] for r in rows if r["bn"] != "-"}
         assert bn_rows == {d: "train" if bn_policy == "train" and d in opened[epoch] else "eval"
@@ -144,7 +146,7 @@ def test_linear_probe_keeps_backbone_bn_frozen_for_the_whole_fit(tiny_cfg):
     assert all(not any(modes.values()) for modes in rec.bn_mode.values())
     assert all(not changed for changed in rec.bn_stats_changed.values())
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
-    assert trainable == {"fc.weight", "fc.bias"} == module.trainable
+    assert trainable == {"fc.weight", "fc.bias"} == module.gates.trainable
     assert module.param_counts()["trainable_params"] == sum(p.numel() for p in module.model.fc.parameters())
 
 

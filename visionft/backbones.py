@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import timm
+import torch
 from timm.data import resolve_data_config
 from timm.models import group_parameters
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from visionft.weights import apply_state_dict, load_pretrained, load_state_dict_file
 
 log = logging.getLogger(__name__)
+HEAD_INITS = ("zero", "timm")
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Backbone:
     weights: str = "random"
     bn_groups: dict[str, int] = field(default_factory=dict)  # BatchNorm module name -> group index
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model arguments beyond name/num_classes
+    new_head: bool = False  # the classifier was created for this task (pretrained body, no pretrained head)
 
 
 def depth_groups(model: nn.Module) -> list[DepthGroup]:
@@ -104,10 +107,19 @@ def create_backbone(
     checkpoint: str | None = None,
     image_size: int | None = None,
     kwargs: dict | None = None,
+    head_init: str = "zero",
 ) -> Backbone:
     """Build timm model ``name`` with a ``num_classes`` head and load its weights: ``checkpoint`` (a local file)
-    wins over ``pretrained`` (offline package, local cache, then hub); neither means random init."""
+    wins over ``pretrained`` (offline package, local cache, then hub); neither means random init.
+
+    A head created for this task on top of loaded weights starts at zero (``head_init="zero"``, as BiT and most
+    fine-tuning recipes do): the first loss is ln(num_classes) and the backbone's first gradients are not noise
+    from a random head, which on real data wrecked the pretrained features (timm's EfficientNet head init gave a
+    first loss of 28 on 2 classes). ``head_init="timm"`` keeps the architecture's own init."""
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"backbone.head_init={head_init!r} is not a head init; valid: {', '.join(HEAD_INITS)}")
     model, used_kwargs = _create(name, num_classes, image_size, dict(kwargs or {}))
+    initial = {k: p.detach().clone() for k, p in model.get_classifier().named_parameters()}
     if checkpoint:
         apply_state_dict(model, load_state_dict_file(checkpoint), str(checkpoint))
         weights = f"checkpoint:{checkpoint}"
@@ -115,8 +127,14 @@ def create_backbone(
         weights = load_pretrained(model, name)
     else:
         weights = "random"
+    head = dict(model.get_classifier().named_parameters())
+    new_head = weights != "random" and bool(head) and all(torch.equal(initial[k], p) for k, p in head.items())
+    if new_head and head_init == "zero":
+        with torch.no_grad():
+            for p in head.values():
+                p.zero_()
     data_config = resolve_data_config(model=model)
     if image_size:
         data_config["input_size"] = (3, int(image_size), int(image_size))
     groups = depth_groups(model)
-    return Backbone(model, name, groups, data_config, weights, bn_group_index(model, groups), used_kwargs)
+    return Backbone(model, name, groups, data_config, weights, bn_group_index(model, groups), used_kwargs, new_head)

@@ -4,19 +4,19 @@ groups are open (updates, BatchNorm mode) at each epoch. It never asks which str
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from visionft.backbones import Backbone
-from visionft.optim import build_param_groups, group_table, lr_lambdas, param_depths, plain_name, warmup_cosine
+from visionft.gates import Gates, GroupGates
+from visionft.optim import build_param_groups, lr_lambdas, param_depths, plain_name, warmup_cosine
 from visionft.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,20 @@ class TrainOptions:
     cutmix: float = 0.0  # cutmix alpha; 0 = off
     class_weights: list[float] | None = None
     channels_last: bool = False
+
+
+def training_horizon(trainer) -> tuple[int, int]:
+    """(optimizer steps in the run, optimizer steps per epoch), from the real number of training batches per epoch
+    (after ``limit_train_batches``) and gradient accumulation; ``max_steps`` may end the run before the last epoch."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError("trainer.max_epochs=-1 with no trainer.max_steps trains forever, but the LR schedule needs an "
+                         "end: set trainer.max_epochs=N or trainer.max_steps=N")
+    if trainer.train_dataloader is None:  # max_epochs=-1 + max_steps: Lightning did not load the data to estimate
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else int(total)
+    return max(1, int(total)), max(1, per_epoch)
 
 
 def make_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -66,13 +80,11 @@ class TransferModule(L.LightningModule):
         self.save_hyperparameters(hparams or {})  # plain containers only: checkpoints load weights-only
         self.model, self.strategy, self.options = model, strategy, options or TrainOptions()
         self.group_names = [g.name for g in backbone.groups]
-        self.n_groups = len(backbone.groups)
-        strategy.validate(self.n_groups)
-        self.depths = param_depths(model, backbone)
-        self.bn_modules = [(m, backbone.bn_groups[plain_name(name)]) for name, m in model.named_modules()
-                           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self._freeze_never_open()
-        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        strategy.validate(len(backbone.groups))
+        bn_depths = {name: backbone.bn_groups[plain_name(name)] for name, m in model.named_modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        self.gates = Gates(strategy, len(backbone.groups), param_depths(model, backbone), bn_depths)
+        self.gates.freeze_never_open(model)
         mean, std = backbone.data_config["mean"], backbone.data_config["std"]
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
@@ -84,45 +96,8 @@ class TransferModule(L.LightningModule):
         weights = self.options.class_weights
         self.register_buffer("class_weights", torch.tensor(weights, dtype=torch.float) if weights else None,
                              persistent=False)
-        self._open_state: tuple | None = None
         if self.options.channels_last:
             self.model.to(memory_format=torch.channels_last)
-
-    # -- groups ---------------------------------------------------------------------------------------------
-    def _freeze_never_open(self) -> None:
-        for name, p in self.model.named_parameters():
-            if self.strategy.open_epoch(self.depths[name], self.n_groups) is None:
-                p.requires_grad_(False)
-
-    def is_open(self, depth: int, epoch: int) -> bool:
-        return self.strategy.is_open(depth, self.n_groups, epoch)
-
-    def _epoch(self) -> int:
-        return self.trainer.current_epoch if self._trainer is not None else 0
-
-    def apply_bn_policy(self, epoch: int | None = None) -> None:
-        epoch = self._epoch() if epoch is None else epoch
-        for m, depth in self.bn_modules:
-            m.train(self.training and self.strategy.bn_trains(depth, self.n_groups, epoch))
-
-    def apply_gates(self, epoch: int) -> None:
-        """Open the groups due at ``epoch``. On one device, closed groups are hard-frozen (no backward compute);
-        under DDP every trainable parameter keeps requires_grad (the reducer is built once) and
-        ``on_before_optimizer_step`` drops closed groups' gradients instead."""
-        # Only a single-device strategy may toggle requires_grad mid-run: a DDP reducer (even of one process) is
-        # built once and fails when a parameter it tracks stops receiving gradients.
-        single = isinstance(self.trainer.strategy, SingleDeviceStrategy)
-        if single:
-            for name, p in self.model.named_parameters():
-                if name in self.trainable:
-                    p.requires_grad_(self.is_open(self.depths[name], epoch))
-        self.apply_bn_policy(epoch)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:
-            self.apply_bn_policy()
-        return self
 
     # -- forward / steps ------------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,65 +163,37 @@ class TransferModule(L.LightningModule):
     def configure_optimizers(self):
         s, o = self.strategy, self.options
         no_decay = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        groups = build_param_groups(self.model, self.depths, self.group_names,
-                                    lambda depth, name: s.lr_scale(depth, self.n_groups, name),
+        gates = self.gates
+        groups = build_param_groups(self.model, gates.depths, self.group_names,
+                                    lambda depth, name: s.lr_scale(depth, gates.n_groups, name),
                                     o.weight_decay, no_decay)
         if not groups:
             raise ValueError(f"strategy {s.name} leaves no parameter to train")
         on_cuda = next(self.model.parameters()).is_cuda
         opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(o.betas), fused=on_cuda or None)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        total, steps_per_epoch = training_horizon(self.trainer)
+        self.planned_epochs = math.ceil(total / steps_per_epoch)
         warmup = int(round(o.warmup_epochs * steps_per_epoch))
         schedule = lambda t: warmup_cosine(t, total, warmup, o.min_lr_ratio)  # noqa: E731
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, self.is_open, steps_per_epoch, schedule))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, gates.is_open, steps_per_epoch, schedule))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_train_epoch_start(self) -> None:
-        epoch = self.current_epoch
-        self.apply_gates(epoch)
-        state = tuple(self.is_open(d, epoch) for d in range(self.n_groups))
-        if state != self._open_state:
-            self._open_state = state
-            rank_zero_info(f"param groups at epoch {epoch} ({self.strategy.name}):\n"
-                           + group_table(self.param_group_rows()))
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        epoch = self.current_epoch
-        for g in optimizer.param_groups:
-            if not self.is_open(g["depth"], epoch):
-                for p in g["params"]:
-                    p.grad = None  # closed: no update, no decay, no Adam state, not clipped
+    def configure_callbacks(self):
+        """The gates travel with the module, so any Trainer enforces them (once, across fit/validate/test)."""
+        return [] if any(isinstance(c, GroupGates) for c in self.trainer.callbacks) else [GroupGates()]
 
     def param_group_rows(self) -> list[dict]:
-        """What the optimizer holds now, per param group, plus depth groups frozen for the whole run."""
-        epoch = self._epoch()
-        bn = {}
-        for m, depth in self.bn_modules:
-            bn.setdefault(depth, "train" if self.strategy.bn_trains(depth, self.n_groups, epoch) else "eval")
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
-        groups = opt.param_groups if opt is not None else []
-        rows, seen = [], set()
-        for g in groups:
-            seen.add(g["depth"])
-            rows.append(self._row(g["name"], g["depth"], g["params"], g["lr"], g["weight_decay"], epoch, bn))
-        for depth in range(self.n_groups):
-            if depth not in seen:
-                params = [p for n, p in self.model.named_parameters() if self.depths[n] == depth]
-                rows.append(self._row(self.group_names[depth], depth, params, 0.0, 0.0, epoch, bn, frozen=True))
-        return sorted(rows, key=lambda r: r["depth"])
-
-    def _row(self, name, depth, params, lr, wd, epoch, bn, frozen=False) -> dict:
-        return {"group": name, "depth": depth, "tensors": len(params), "params": sum(p.numel() for p in params),
-                "lr": float(lr), "weight_decay": float(wd),
-                "trainable": (not frozen) and self.is_open(depth, epoch), "bn": bn.get(depth, "-")}
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        return self.gates.rows(self.model, opt, self.group_names, epoch)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["visionft"] = self.meta
 
     def param_counts(self) -> dict[str, int]:
-        """Trainable (updated at some point in the run) and total parameters; peft's frozen copy of a
-        ``modules_to_save`` head is not counted twice."""
-        named = [(n, p) for n, p in self.model.named_parameters() if ".original_module." not in n]
-        return {"trainable_params": sum(p.numel() for n, p in named if n in self.trainable),
-                "total_params": sum(p.numel() for _, p in named)}
+        """Parameters that train within the configured run (a group that would open after the last epoch is not
+        counted) and all parameters; peft's frozen copy of a ``modules_to_save`` head is not counted twice."""
+        copy = lambda name: ".original_module." in name  # noqa: E731
+        epochs = getattr(self, "planned_epochs", None) or 1
+        return {"trainable_params": self.gates.trained_params(self.model, epochs, skip=copy),
+                "total_params": sum(p.numel() for n, p in self.model.named_parameters() if not copy(n))}

@@ -79,10 +79,14 @@ def build(cfg: DictConfig):
     dm = instantiate(cfg.data)
     strategy = instantiate(cfg.strategy)
     image_size = cfg.data.get("image_size") or cfg.backbone.get("image_size")
+    checkpoint = cfg.backbone.get("checkpoint")
+    if checkpoint and not strategy.uses_pretrained:
+        raise ValueError(f"strategy={strategy.name.lower()} trains from random init, but backbone.checkpoint={checkpoint} "
+                         f"is set: drop backbone.checkpoint, or fine-tune it with strategy=full")
     backbone = create_backbone(
         cfg.backbone.name, dm.num_classes,
-        pretrained=bool(cfg.backbone.pretrained) and strategy.uses_pretrained,
-        checkpoint=cfg.backbone.get("checkpoint"), image_size=image_size,
+        pretrained=bool(cfg.backbone.pretrained) and strategy.uses_pretrained, checkpoint=checkpoint,
+        image_size=image_size, head_init=cfg.backbone.get("head_init", "zero"),
         kwargs=OmegaConf.to_container(cfg.backbone.kwargs, resolve=True) if cfg.backbone.get("kwargs") else {},
     )
     dc = backbone.data_config

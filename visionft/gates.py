@@ -1,0 +1,121 @@
+"""Group gates: which depth groups train at an epoch, and what that means for parameters, gradients and BatchNorm.
+
+One place enforces a strategy's open set (``Gates``), driven by one callback (``GroupGates``) that checks it at
+the start of every training batch, so any way into the loop (a fresh fit, a new epoch, a resume mid-epoch, where
+Lightning skips ``on_train_epoch_start``) trains exactly the groups the strategy opened for that epoch.
+
+- Groups that never open are frozen (``requires_grad=False``) before the Trainer starts.
+- On one device, groups that open later are hard-frozen until they open (saves their backward). Under a
+  multi-device strategy every trainable parameter keeps ``requires_grad`` (a DDP reducer is built once) and a
+  closed group's gradients are dropped before the optimizer step: no update, no decay, no Adam state, no clipping.
+- BatchNorm: eval mode unless the strategy's ``bn`` policy trains it and its group is open. Modules are looked up
+  by name when applied, so BatchNorms that Lightning replaced (``sync_batchnorm``) are the ones governed.
+"""
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from visionft.optim import group_table
+
+
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+class Gates:
+    def __init__(self, strategy, n_groups: int, depths: dict[str, int], bn_depths: dict[str, int]) -> None:
+        self.strategy, self.n_groups, self.depths, self.bn_depths = strategy, n_groups, depths, bn_depths
+        self.trainable: set[str] = set()
+
+    def is_open(self, depth: int, epoch: int) -> bool:
+        return self.strategy.is_open(depth, self.n_groups, epoch)
+
+    def open_set(self, epoch: int) -> tuple[bool, ...]:
+        return tuple(self.is_open(d, epoch) for d in range(self.n_groups))
+
+    def freeze_never_open(self, model: nn.Module) -> None:
+        """Freeze groups the strategy never opens; what is left is every parameter the run may train."""
+        for name, p in model.named_parameters():
+            if self.strategy.open_epoch(self.depths[name], self.n_groups) is None:
+                p.requires_grad_(False)
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def apply(self, model: nn.Module, epoch: int, toggle_requires_grad: bool) -> None:
+        if toggle_requires_grad:
+            for name, p in model.named_parameters():
+                if name in self.trainable:
+                    p.requires_grad_(self.is_open(self.depths[name], epoch))
+        self.apply_bn(model, epoch)
+
+    def bn_trains(self, depth: int, epoch: int) -> bool:
+        return self.strategy.bn_trains(depth, self.n_groups, epoch)
+
+    def apply_bn(self, model: nn.Module, epoch: int) -> None:
+        """BatchNorm modes for training at ``epoch`` (call with the model in train mode)."""
+        for name, m in model.named_modules():
+            if _is_bn(m):
+                m.train(self.bn_trains(self.bn_depths[name], epoch))
+
+    def drop_closed_grads(self, optimizer, epoch: int) -> None:
+        for g in optimizer.param_groups:
+            if not self.is_open(g["depth"], epoch):
+                for p in g["params"]:
+                    p.grad = None
+
+    def trained_params(self, model: nn.Module, epochs: int, skip=lambda name: False) -> int:
+        """Parameters that train in a run of ``epochs`` epochs (groups opening later are not counted)."""
+        return sum(p.numel() for n, p in model.named_parameters() if n in self.trainable and not skip(n)
+                   and any(self.is_open(self.depths[n], e) for e in range(max(1, epochs))))
+
+    def rows(self, model: nn.Module, optimizer, group_names: list[str], epoch: int) -> list[dict]:
+        """What the optimizer holds now, per param group, plus depth groups frozen for the whole run."""
+        bn = {}
+        for name, m in model.named_modules():
+            if _is_bn(m):
+                d = self.bn_depths[name]
+                bn.setdefault(d, "train" if self.bn_trains(d, epoch) else "eval")
+        rows, seen = [], set()
+        for g in optimizer.param_groups if optimizer is not None else []:
+            seen.add(g["depth"])
+            rows.append(self._row(g["name"], g["depth"], g["params"], g["initial_lr"], g["lr"], g["weight_decay"],
+                                  epoch, bn))
+        for depth in range(self.n_groups):
+            if depth not in seen:
+                params = [p for n, p in model.named_parameters() if self.depths[n] == depth]
+                rows.append(self._row(group_names[depth], depth, params, 0.0, 0.0, 0.0, epoch, bn, frozen=True))
+        return sorted(rows, key=lambda r: r["depth"])
+
+    def _row(self, name, depth, params, base_lr, lr, wd, epoch, bn, frozen=False) -> dict:
+        return {"group": name, "depth": depth, "tensors": len(params), "params": sum(p.numel() for p in params),
+                "base_lr": float(base_lr), "lr_now": float(lr), "weight_decay": float(wd),
+                "trainable": (not frozen) and self.is_open(depth, epoch), "bn": bn.get(depth, "-")}
+
+
+class GroupGates(L.Callback):
+    """Applies ``module.gates`` at every training batch whose (epoch, open set) differs from what was applied, keeps
+    BatchNorm modes right at every batch, drops closed groups' gradients, and logs the param-group table once per
+    change of the open set."""
+
+    def __init__(self) -> None:
+        self._applied: tuple | None = None
+        self._logged: tuple | None = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        epoch, gates = trainer.current_epoch, module.gates
+        key = (id(trainer), epoch)
+        if key != self._applied:
+            gates.apply(module.model, epoch, isinstance(trainer.strategy, SingleDeviceStrategy))
+            self._applied = key
+            state = gates.open_set(epoch)
+            if state != self._logged:
+                self._logged = state
+                rank_zero_info(f"param groups at epoch {epoch} ({gates.strategy.name}):\n"
+                               + group_table(module.param_group_rows()))
+        else:  # cheap: modes only (validation and .train() calls in between must not leave BatchNorm training)
+            gates.apply_bn(module.model, epoch)
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        module.gates.drop_closed_grads(optimizer, trainer.current_epoch)
