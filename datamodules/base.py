@@ -109,6 +109,11 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.eval_crop_pct is None:
             self.eval_crop_pct = crop_pct
 
+    def eval_geometry(self) -> dict:
+        """The geometry evaluation really uses (after ``configure``): what inference must reproduce."""
+        return {"image_size": self.image_size, "interpolation": self.interpolation,
+                "crop_pct": float(self.eval_crop_pct or 1.0)}
+
     # -- splits --------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:

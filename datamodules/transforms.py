@@ -18,7 +18,11 @@ _INTERP = {
     "lanczos": cv2.INTER_LANCZOS4,
 }
 
-AUGMENT_PRESETS = ("none", "shift", "crop_flip")
+# preset -> its options. Options of another preset are ignored, so switching preset on the command line
+# (data.augment.name=none on digits) just works; an option no preset knows is an error.
+PRESET_OPTIONS = {"none": (), "shift": ("translate", "zoom", "rotate"), "crop_flip": ("scale",)}
+COMMON_OPTIONS = ("color_jitter",)
+AUGMENT_PRESETS = tuple(PRESET_OPTIONS)
 
 
 def _interp(name: str) -> int:
@@ -38,35 +42,37 @@ def train_transform(size: int, interpolation: str = "bicubic", augment: Mapping 
     """Training pipeline from a dataset's ``augment`` block: ``name`` is one of AUGMENT_PRESETS.
 
     - ``none``: the eval geometry (resize + center crop), nothing random.
-    - ``shift``: resize, then a small random affine (``translate``, ``scale``, ``rotate`` degrees); for digits and
+    - ``shift``: resize, then a small random affine (``translate``, ``zoom``, ``rotate`` degrees); for digits and
       other centred, orientation-sensitive images where flips and aggressive crops destroy the label.
     - ``crop_flip``: random-resized crop (``scale`` range) and horizontal flip; for natural images.
-    ``color_jitter`` (strength, 0 = off) may be added to any preset.
+    ``color_jitter`` (strength, 0 = off) may be added to any preset. Options of the other presets are ignored.
     """
     augment = dict(augment or {})
     name = augment.pop("name", "none")
+    if name not in PRESET_OPTIONS:
+        raise ValueError(f"unknown augment preset {name!r}; valid: {', '.join(AUGMENT_PRESETS)}")
+    known = {o for opts in PRESET_OPTIONS.values() for o in opts} | set(COMMON_OPTIONS)
+    if set(augment) - known:
+        raise ValueError(f"unknown option(s) {sorted(set(augment) - known)} for augment preset {name!r}; its options: "
+                         f"{', '.join(PRESET_OPTIONS[name] + COMMON_OPTIONS)}")
     interp = _interp(interpolation)
     if name == "none":
-        ops = list(eval_transform(size, interpolation, augment.pop("crop_pct", 1.0)).transforms)
+        ops = list(eval_transform(size, interpolation, 1.0).transforms)
     elif name == "shift":
-        t, s, r = augment.pop("translate", 0.1), augment.pop("scale", 0.1), augment.pop("rotate", 10)
+        t, z, r = augment.get("translate", 0.1), augment.get("zoom", 0.1), augment.get("rotate", 10)
         ops = [
             A.Resize(size, size, interpolation=interp),
-            A.Affine(translate_percent=(-t, t), scale=(1 - s, 1 + s), rotate=(-r, r), interpolation=interp, p=1.0),
+            A.Affine(translate_percent=(-t, t), scale=(1 - z, 1 + z), rotate=(-r, r), interpolation=interp, p=1.0),
         ]
-    elif name == "crop_flip":
-        lo, hi = augment.pop("scale", (0.35, 1.0))
+    else:  # crop_flip
+        lo, hi = augment.get("scale", (0.35, 1.0))
         ops = [
             A.RandomResizedCrop(size=(size, size), scale=(lo, hi), interpolation=interp),
             A.HorizontalFlip(p=0.5),
         ]
-    else:
-        raise ValueError(f"unknown augment preset {name!r}; valid: {', '.join(AUGMENT_PRESETS)}")
-    jitter = augment.pop("color_jitter", 0.0)
+    jitter = augment.get("color_jitter", 0.0)
     if jitter:
         ops.append(A.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=0.0, p=0.8))
-    if augment:
-        raise ValueError(f"unknown option(s) {sorted(augment)} for augment preset {name!r}")
     return A.Compose(ops)
 
 

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -22,10 +23,12 @@ USER_ERRORS = (FileNotFoundError, ValueError)
 @hydra.main(config_path="pkg://visionft.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from visionft.callbacks import NonFiniteLoss
-    from visionft.train import train
+    from visionft.train import ExportFailed, train
     from visionft.weights import WeightsUnavailable
 
-    _single_log_handler()
+    from visionft.logs import single_console_handler
+
+    single_console_handler()
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
@@ -42,18 +45,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except (WeightsUnavailable, NonFiniteLoss, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return metrics["test"].get("test/acc")
-
-
-def _single_log_handler() -> None:
-    """Lightning adds its own console handler when imported before logging is configured; under Hydra (which
-    configures the root logger) that prints every line twice."""
-    import logging
-
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
-            logger.removeHandler(h)
+    except ExportFailed as e:  # the run is saved; the exporter's own traceback is logged above this line
+        logging.getLogger("visionft").error("export failed", exc_info=e.__cause__)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    # the sweep objective: the monitored validation metric (never a test metric)
+    return metrics["val"].get(cfg.callbacks.monitor)
 
 
 def main() -> None:

@@ -46,7 +46,10 @@ COMMANDS = {"export": export_main, "predict": predict_main}
 
 
 def run(command: str, argv: list[str]) -> int:
+    from visionft.logs import quiet_third_party
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_third_party()
     try:
         return COMMANDS[command](argv)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

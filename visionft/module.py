@@ -59,24 +59,28 @@ def make_metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
-def checkpoint_meta(backbone: Backbone, num_classes: int, classes: list[str] | None) -> dict:
-    """What export and inference need, saved in every checkpoint (plain types: checkpoints load weights-only)."""
+def checkpoint_meta(backbone: Backbone, num_classes: int, classes: list[str] | None, geometry: dict | None = None) -> dict:
+    """What export and inference need, saved in every checkpoint (plain types: checkpoints load weights-only).
+    ``geometry`` is the evaluation geometry the datamodule really used (size, interpolation, crop), so that
+    inference preprocesses exactly as evaluation did; without it, the backbone's pretrained config."""
     dc = backbone.data_config
+    geometry = {"image_size": int(dc["input_size"][-1]), "interpolation": dc["interpolation"],
+                "crop_pct": float(dc.get("crop_pct", 1.0)), **(geometry or {})}
     return {
         "timm_name": backbone.name, "num_classes": num_classes,
         "classes": list(classes or [str(i) for i in range(num_classes)]),
-        "image_size": int(dc["input_size"][-1]), "interpolation": dc["interpolation"],
+        "image_size": int(geometry["image_size"]), "interpolation": str(geometry["interpolation"]),
         "mean": [float(v) for v in dc["mean"]], "std": [float(v) for v in dc["std"]],
-        "crop_pct": float(dc.get("crop_pct", 1.0)), "model_kwargs": dict(backbone.model_kwargs),
+        "crop_pct": float(geometry["crop_pct"]), "model_kwargs": dict(backbone.model_kwargs),
     }
 
 
 class TransferModule(L.LightningModule):
     def __init__(self, model: nn.Module, backbone: Backbone, strategy: Strategy, num_classes: int,
                  options: TrainOptions | None = None, hparams: dict | None = None,
-                 classes: list[str] | None = None) -> None:
+                 classes: list[str] | None = None, geometry: dict | None = None) -> None:
         super().__init__()
-        self.meta = checkpoint_meta(backbone, num_classes, classes)
+        self.meta = checkpoint_meta(backbone, num_classes, classes, geometry)
         self.save_hyperparameters(hparams or {})  # plain containers only: checkpoints load weights-only
         self.model, self.strategy, self.options = model, strategy, options or TrainOptions()
         self.group_names = [g.name for g in backbone.groups]
@@ -131,7 +135,8 @@ class TransferModule(L.LightningModule):
         if self.mixup is not None and x.shape[0] % 2 == 0:
             x, soft = self.mixup(self.normalize(x), y)
             logits = self.net(x)
-            loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            # soft targets (timm's Mixup already applied label smoothing); class c's term weighted by w_c
+            loss = F.cross_entropy(logits, soft, weight=self.class_weights)
         else:
             logits = self(x)
             loss = F.cross_entropy(logits, y, weight=self.class_weights,

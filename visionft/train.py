@@ -10,12 +10,14 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import (EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar,
+                                         WeightAveraging)
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from visionft.backbones import create_backbone
 from visionft.callbacks import NanGuard, TrainThroughput
+from visionft.loggers import default_loggers
+from visionft.logs import quiet_third_party
 from visionft.module import TrainOptions, TransferModule
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,20 @@ def class_weights(spec, counts: np.ndarray) -> list[float] | None:
     return [float(w) for w in spec]
 
 
+def monitor_mode(cfg: DictConfig) -> str:
+    mode = cfg.callbacks.get("mode") or ("min" if "loss" in str(cfg.callbacks.monitor) else "max")
+    if mode not in ("min", "max"):
+        raise ValueError(f"callbacks.mode={mode!r} must be min or max (or null: min for a loss, max otherwise)")
+    return mode
+
+
 def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoint, TrainThroughput]:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if kwargs.get("precision") == "auto":
         kwargs["precision"] = auto_precision()
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    monitor = cfg.callbacks.monitor
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max",
+    kwargs = {"enable_model_summary": False, **{k: v for k, v in kwargs.items() if v is not None}}
+    monitor, mode = cfg.callbacks.monitor, monitor_mode(cfg)
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
                            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     # Lightning 2.6 writes save_last only when a top-k save happened; "last" must follow every epoch (resume=true)
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1,
@@ -49,14 +58,12 @@ def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoin
     speed = TrainThroughput()
     callbacks = [ckpt, last, speed, NanGuard()]
     if cfg.callbacks.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.callbacks.early_stopping_patience))
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.callbacks.early_stopping_patience))
     if cfg.callbacks.ema_decay:
-        from lightning.pytorch.callbacks import EMAWeightAveraging
-
         callbacks.append(EMAWeightAveraging(decay=cfg.callbacks.ema_decay))
     if kwargs.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
-    loggers = [CSVLogger(out, name="csv", version=""), TensorBoardLogger(out, name="tb", version="")]
+    loggers = default_loggers(out, resuming=bool(cfg.resume or cfg.ckpt_path))
     trainer = L.Trainer(default_root_dir=out, callbacks=callbacks, logger=loggers,
                         deterministic=bool(cfg.deterministic), **kwargs)
     return trainer, ckpt, speed
@@ -99,16 +106,55 @@ def build(cfg: DictConfig):
         channels_last=bool(cfg.channels_last),
     )
     hparams = OmegaConf.to_container(cfg, resolve=True)
-    module = TransferModule(model, backbone, strategy, dm.num_classes, options, hparams, classes=dm.classes)
+    module = TransferModule(model, backbone, strategy, dm.num_classes, options, hparams, classes=dm.classes,
+                            geometry=dm.eval_geometry())
     return dm, backbone, module
 
 
+def output_dir(cfg: DictConfig) -> Path:
+    """``paths.output_dir``, or Hydra's run (or multirun job) directory when it is not set."""
+    if cfg.paths.get("output_dir"):
+        return Path(cfg.paths.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ValueError("paths.output_dir is not set: pass paths.output_dir=DIR")
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Options that can only fail at the end of a run are checked before it starts."""
+    from visionft.export import FORMATS
+
+    if cfg.get("export") and cfg.export not in FORMATS:
+        raise ValueError(f"export={cfg.export} is not an export format; valid: {', '.join(FORMATS)}")
+    monitor_mode(cfg)
+
+
+def evaluate(trainer: L.Trainer, module: TransferModule, dm, weights: str | None) -> tuple[dict, dict]:
+    """Validate and test the one final model: the checkpoint's weights (the EMA weights when EMA is on), loaded
+    weights-only into the module, which is then also what adapters and exports are made from."""
+    if weights:
+        state = torch.load(weights, map_location=module.device, weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    for cb in [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]:
+        trainer.callbacks.remove(cb)  # it would swap in (or reload) other weights around evaluation
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    test = trainer.test(module, datamodule=dm, verbose=False)[0] if dm.sizes()["test"] else {}
+    return val, test
+
+
 def train(cfg: DictConfig) -> dict:
-    """Fit, test the best checkpoint, write ``metrics.json`` and ``config.yaml`` into ``paths.output_dir``."""
+    """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``) on val and test, write
+    ``metrics.json`` and ``config.yaml`` into the output directory, then artifacts and the export."""
     start = time.perf_counter()
-    out = Path(cfg.paths.output_dir)
+    quiet_third_party()
+    out = output_dir(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    check_options(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, backbone, module = build(cfg)
     if cfg.compile:
         from visionft.compile import maybe_compile
@@ -118,33 +164,56 @@ def train(cfg: DictConfig) -> dict:
     log.info("backbone %s (weights: %s), data %s: %s", backbone.name, backbone.weights, type(dm).__name__,
              dm.sizes())
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, out))
-    best = ckpt.best_model_path or None  # val and test are both reported for the best checkpoint
-    val = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
-    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0] if dm.sizes()["test"] else {}
-    artifacts = module.strategy.save_artifacts(module.model, out) if trainer.is_global_zero else []
-    if cfg.get("export") and trainer.is_global_zero:
-        from visionft.export import export
-
-        artifacts.append(export(best or out / "checkpoints" / "last.ckpt", cfg.export, out / "export" / cfg.export)[0])
+    final = ckpt.best_model_path or str(out / "checkpoints" / "last.ckpt")
+    val, test = evaluate(trainer, module, dm, final)
     metrics = {
-        "artifacts": [str(a) for a in artifacts],
+        "artifacts": [],
         "val": {k: float(v) for k, v in val.items()},
         "test": {k: float(v) for k, v in test.items()},
         **module.param_counts(),
         "epochs": trainer.current_epoch,
         "wall_time_s": round(time.perf_counter() - start, 2),
         "train_images_per_s": round(speed.images_per_second, 1),
-        "best_checkpoint": best,
+        "best_checkpoint": ckpt.best_model_path or None,
         "backbone": backbone.name,
         "weights": backbone.weights,
         "strategy": module.strategy.name,
         "data": dm.sizes(),
     }
-    if trainer.is_global_zero:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        print(summary(metrics, out))
+    if not trainer.is_global_zero:
+        return metrics
+    write_outputs(metrics, cfg, out)
+    metrics["artifacts"] = [str(a) for a in module.strategy.save_artifacts(module.model, out)]
+    if cfg.get("export"):
+        metrics["artifacts"].append(str(export_final(final, cfg.export, out, metrics, cfg)))
+    write_outputs(metrics, cfg, out)
+    print(summary(metrics, out))
     return metrics
+
+
+class ExportFailed(RuntimeError):
+    pass
+
+
+def export_final(ckpt: str, fmt: str, out: Path, metrics: dict, cfg: DictConfig) -> Path:
+    from visionft.export import export
+
+    try:
+        artifact, report = export(ckpt, fmt, out / "export" / fmt)
+    except Exception as e:
+        metrics["export_error"] = f"{type(e).__name__}: {e}"
+        write_outputs(metrics, cfg, out)
+        raise ExportFailed(f"export={fmt} failed after training ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                           f"the run is saved (metrics.json, config.yaml, checkpoints in {out}): retry with "
+                           f"`visionft export --ckpt {ckpt} --format {fmt}`") from e
+    worst = max(v["max_abs_diff"] for v in report.values() if isinstance(v, dict))
+    log.info("exported %s: parity on %s, max |logit diff| %.2e", artifact, report["inputs"], worst)
+    return artifact
+
+
+def write_outputs(metrics: dict, cfg: DictConfig, out: Path) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def summary(m: dict, out: Path) -> str:

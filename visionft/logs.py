@@ -1,0 +1,41 @@
+"""A quiet console: one copy of each log line, and none of the third-party noise that says nothing about the run
+(Lightning's cloud-logging tips, a deprecation inside Lightning's pytree helper, the log-interval warning on small
+data, ONNX's initializer notices)."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+NOISE = ("💡 Tip", "Loading `train_dataloader` to estimate")
+WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated", r"The number of training batches \(\d+\) is smaller",
+            r".*does not have many workers", r"Experiment logs directory .* exists and is not empty",
+            r"Checkpoint directory .* exists and is not empty")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NOISE)
+
+
+def quiet_third_party() -> None:
+    """Idempotent; called at the start of every run."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropNoise) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropNoise())
+    for pattern in WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("onnxscript", "onnx_ir"):  # "Replaced initializer ...", "Removed 137 unused nodes" per pass
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def single_console_handler() -> None:
+    """Lightning adds its own console handler (on the ``lightning`` logger and its ``pytorch``/``fabric`` children)
+    when imported before logging is configured; under Hydra, which configures the root logger, that printed every
+    line twice. Call once the root logger has a handler."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(h)
+        logger.propagate = True
