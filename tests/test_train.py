@@ -93,3 +93,40 @@ def test_compile_failure_falls_back_to_eager(tiny_cfg, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model.forward)  # a compiler that works is kept
     assert maybe_compile(module, dm) is True
     assert module.__dict__["_compiled"] is not None and module.model is eager
+
+
+def test_resume_appends_to_the_csv_history(tiny_cfg, tmp_path):
+    import csv
+
+    out = tmp_path / "hist"
+    train(tiny_cfg("trainer.max_epochs=1", output_dir=out))
+    train(tiny_cfg("trainer.max_epochs=3", "resume=true", output_dir=out))
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    epochs = sorted({int(r["epoch"]) for r in rows if r.get("train/loss")})
+    assert epochs == [0, 1, 2]  # epoch 0 came from the first run
+
+
+def test_cli_run_output_is_single_quiet_and_in_output_dir(tmp_path):
+    """One `python -m visionft` run: every log line once, no third-party noise, the param-group table once per
+    change, and `paths.output_dir=X` holds Hydra's .hydra/ and log too (no outputs/<date>/ in the working dir)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "visionft", "data=synthetic", "data.train_size=64", "data.test_size=16",
+           "backbone.name=test_resnet", "backbone.pretrained=false", "strategy=gradual_unfreeze",
+           "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+           f"paths.output_dir={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = r.stdout + r.stderr
+    lines = [line.split(" - ", 1)[-1] for line in text.splitlines() if "`Trainer.fit` stopped" in line]
+    assert len(lines) == 1, text[-3000:]
+    for noise in ("Tip:", "litlogger", "LeafSpec", "log_every_n_steps", "| Name", "Total estimated model params"):
+        assert noise not in text, noise
+    assert text.count("param groups at epoch 0") == 1 and text.count("param groups at epoch 1") == 1
+    assert "base_lr" in text and "lr_now" in text
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "metrics.json").is_file()
+    assert not (tmp_path / "outputs").exists()
