@@ -22,7 +22,7 @@ def test_every_conf_file_composes(group, option, tmp_path):
     extra = ["backbone.name=resnet18"] if (group, option) == ("backbone", "timm") else []  # the generic entry
     cfg = compose_cfg([override, *extra], tmp_path)
     if group == "experiment":  # a @package _global_ delta: it changes other groups
-        assert cfg.data._target_ == "datamodules.ImageFolderDataModule" and cfg.data.per_class == 50
+        assert cfg.data._target_ == "datamodules.ImageFolderDataModule" and cfg.data.per_class == 100
     else:
         assert cfg[group] is not None
     if group == "strategy":

@@ -2,6 +2,7 @@
 
     python tools/bench.py                       # the offline quickstart (default config)
     python tools/bench.py --case strategies     # every strategy on the default backbone and data
+    python tools/bench.py --case cifar10 data.root=$(../shared/tools/unpack-cifar10)   # real CIFAR-10 JPEGs
     python tools/bench.py --case quickstart --out bench.json trainer.max_epochs=4   # extra Hydra overrides
 
 Each row: test accuracy and macro-F1 of the best checkpoint, trainable/total parameters, train images/s (training
@@ -25,6 +26,15 @@ CASES = {
     "quickstart": {"quickstart": []},
     "strategies": {s: [f"strategy={s}"] for s in (
         "scratch", "linear_probe", "partial", "full", "gradual_unfreeze", "layerwise_lr", "ulmfit", "lora", "dora")},
+    # real CIFAR-10 JPEGs: pass data.root=<.../cifar10> (e.g. $(../shared/tools/unpack-cifar10))
+    "cifar10": {
+        "full": ["experiment=cifar10_subset", "strategy=full"],
+        "full_timm_head_init": ["experiment=cifar10_subset", "strategy=full", "backbone.head_init=timm"],
+        "linear_probe": ["experiment=cifar10_subset", "strategy=linear_probe"],
+        "gradual_unfreeze": ["experiment=cifar10_subset", "strategy=gradual_unfreeze"],
+        "lora": ["experiment=cifar10_subset", "strategy=lora"],
+        "lora_timm_head_init": ["experiment=cifar10_subset", "strategy=lora", "backbone.head_init=timm"],
+    },
 }
 
 
