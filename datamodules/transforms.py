@@ -18,8 +18,9 @@ _INTERP = {
     "lanczos": cv2.INTER_LANCZOS4,
 }
 
-# preset -> its options. Options of another preset are ignored, so switching preset on the command line
-# (data.augment.name=none on digits) just works; an option no preset knows is an error.
+# preset -> its options. Each preset's options live in their own block (augment.shift.zoom, augment.crop_flip.scale),
+# so switching preset on the command line (data.augment.name=none on digits) just works and no option of one preset
+# is silently taken for another's; a key that is neither a preset block nor a common option is an error.
 PRESET_OPTIONS = {"none": (), "shift": ("translate", "zoom", "rotate"), "crop_flip": ("scale",)}
 COMMON_OPTIONS = ("color_jitter",)
 AUGMENT_PRESETS = tuple(PRESET_OPTIONS)
@@ -45,27 +46,33 @@ def train_transform(size: int, interpolation: str = "bicubic", augment: Mapping 
     - ``shift``: resize, then a small random affine (``translate``, ``zoom``, ``rotate`` degrees); for digits and
       other centred, orientation-sensitive images where flips and aggressive crops destroy the label.
     - ``crop_flip``: random-resized crop (``scale`` range) and horizontal flip; for natural images.
-    ``color_jitter`` (strength, 0 = off) may be added to any preset. Options of the other presets are ignored.
+    Each preset reads its options from its own block (``augment[name]``); ``color_jitter`` (strength, 0 = off) may be
+    added to any preset.
     """
     augment = dict(augment or {})
     name = augment.pop("name", "none")
     if name not in PRESET_OPTIONS:
         raise ValueError(f"unknown augment preset {name!r}; valid: {', '.join(AUGMENT_PRESETS)}")
-    known = {o for opts in PRESET_OPTIONS.values() for o in opts} | set(COMMON_OPTIONS)
-    if set(augment) - known:
-        raise ValueError(f"unknown option(s) {sorted(set(augment) - known)} for augment preset {name!r}; its options: "
-                         f"{', '.join(PRESET_OPTIONS[name] + COMMON_OPTIONS)}")
+    unknown = set(augment) - set(PRESET_OPTIONS) - set(COMMON_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown augment option(s) {sorted(unknown)}: a preset's options go in its own block, e.g. "
+                         f"data.augment.{name}.<option> ({name}: {', '.join(PRESET_OPTIONS[name]) or 'none'}); "
+                         f"common: {', '.join(COMMON_OPTIONS)}")
+    opts = dict(augment.get(name) or {})
+    if set(opts) - set(PRESET_OPTIONS[name]):
+        raise ValueError(f"unknown option(s) {sorted(set(opts) - set(PRESET_OPTIONS[name]))} for augment preset "
+                         f"{name!r}; valid: {', '.join(PRESET_OPTIONS[name]) or 'none'}")
     interp = _interp(interpolation)
     if name == "none":
         ops = list(eval_transform(size, interpolation, 1.0).transforms)
     elif name == "shift":
-        t, z, r = augment.get("translate", 0.1), augment.get("zoom", 0.1), augment.get("rotate", 10)
+        t, z, r = opts.get("translate", 0.1), opts.get("zoom", 0.1), opts.get("rotate", 10)
         ops = [
             A.Resize(size, size, interpolation=interp),
             A.Affine(translate_percent=(-t, t), scale=(1 - z, 1 + z), rotate=(-r, r), interpolation=interp, p=1.0),
         ]
     else:  # crop_flip
-        lo, hi = augment.get("scale", (0.35, 1.0))
+        lo, hi = opts.get("scale", (0.35, 1.0))
         ops = [
             A.RandomResizedCrop(size=(size, size), scale=(lo, hi), interpolation=interp),
             A.HorizontalFlip(p=0.5),

@@ -155,9 +155,17 @@ def test_mixup_weights_the_soft_target_loss_by_class(tiny_cfg):
     xm, soft = module.mixup(module.normalize(x), y)
     logp = F.log_softmax(module.model(xm), dim=-1)
     w = torch.tensor([1.0, 5.0, 0.5, 2.0])
-    reference = -(soft * w * logp).sum(1).mean().item()
+    # the weighted mean cross_entropy(weight=w) takes over hard labels: sum_i w_yi CE_i / sum_i w_yi, with each
+    # sample's target spread over classes (a mixed pair counts each class by its share)
+    reference = -(soft * w * logp).sum().item() / (soft * w).sum().item()
     unweighted = -(soft * logp).sum(1).mean().item()
     assert loss == pytest.approx(reference, rel=1e-5) and abs(reference - unweighted) > 1e-3
+    hard = F.one_hot(y, 4).float()  # with unmixed targets it is exactly PyTorch's weighted cross-entropy
+    from visionft.module import soft_cross_entropy
+
+    logits = module.model(module.normalize(x))
+    assert soft_cross_entropy(logits, hard, w).item() == pytest.approx(F.cross_entropy(logits, y, weight=w).item(),
+                                                                      rel=1e-5)
 
 
 # -- checkpoint selection and the sweep objective -------------------------------------------------------------
@@ -207,6 +215,21 @@ def test_every_value_an_experiment_sets_survives_composition(name, tmp_path):
             assert OmegaConf.select(cfg, key) == value, key
 
 
+def test_an_experiment_overrides_every_base_value(tmp_path):
+    """A user's experiment (via --config-dir) that sets keys config.yaml itself defines: its values must win."""
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "probe.yaml").write_text(
+        "# @package _global_\nseed: 7\nloss:\n  label_smoothing: 0.3\ncallbacks:\n  monitor: val/loss\n"
+        "trainer:\n  max_epochs: 3\nstrategy:\n  lr: 0.123\n")
+    conf = Path(__import__("visionft.conf").conf.__file__).parent
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=probe", f"hydra.searchpath=[file://{tmp_path}]"])
+    assert (cfg.seed, cfg.loss.label_smoothing, cfg.callbacks.monitor) == (7, 0.3, "val/loss")
+    assert (cfg.trainer.max_epochs, cfg.strategy.lr) == (3, 0.123)
+
+
 def test_switching_augment_preset_on_the_command_line(tmp_path):
     from hydra.utils import instantiate
 
@@ -219,7 +242,11 @@ def test_switching_augment_preset_on_the_command_line(tmp_path):
         x, _ = dm.dataset("train")[0]
         assert x.shape == (3, 32, 32)
     with pytest.raises(ValueError, match="unknown option"):
-        train_transform(32, augment={"name": "shift", "sheer": 3})
+        train_transform(32, augment={"name": "shift", "shift": {"sheer": 3}})
+    with pytest.raises(ValueError, match=r"data.augment.crop_flip.<option>"):  # never silently ignored
+        train_transform(32, augment={"name": "crop_flip", "zoom": 0.3})
+    affine = train_transform(32, augment={"name": "shift", "shift": {"zoom": 0.3}}).transforms[1]
+    assert tuple(affine.scale["x"]) == pytest.approx((0.7, 1.3))
 
 
 def test_scratch_refuses_a_checkpoint(tiny_cfg, tmp_path):

@@ -37,3 +37,17 @@ def test_freeze_depth_sweep_and_report(tmp_path):
     assert [r["strategy.freeze_depth"] for r in rows] == ["0", "2", "4"]
     assert [int(r["trainable_params"]) for r in rows] == trainable
     assert (sweep / "report.png").stat().st_size > 1000 and (sweep / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_multirun_with_an_output_dir_gives_each_job_its_folder(tmp_path):
+    out = tmp_path / "mine"
+    cmd = [sys.executable, "-m", "visionft", "-m", "seed=1,2", "data=synthetic", "data.train_size=48",
+           "data.test_size=16", "backbone.name=test_resnet", "backbone.pretrained=false", "trainer.max_epochs=1",
+           "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", f"paths.output_dir={out}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    seeds = [json.loads((out / j / "config.yaml").read_text().split("seed: ")[1].split("\n")[0]) for j in ("0", "1")]
+    assert seeds == [1, 2] and all((out / j / "metrics.json").is_file() for j in ("0", "1"))

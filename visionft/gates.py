@@ -29,6 +29,7 @@ class Gates:
     def __init__(self, strategy, n_groups: int, depths: dict[str, int], bn_depths: dict[str, int]) -> None:
         self.strategy, self.n_groups, self.depths, self.bn_depths = strategy, n_groups, depths, bn_depths
         self.trainable: set[str] = set()
+        self.last_epoch = 0  # the latest epoch whose gates were applied (a resumed run starts from its epoch)
 
     def is_open(self, depth: int, epoch: int) -> bool:
         return self.strategy.is_open(depth, self.n_groups, epoch)
@@ -65,10 +66,10 @@ class Gates:
                 for p in g["params"]:
                     p.grad = None
 
-    def trained_params(self, model: nn.Module, epochs: int, skip=lambda name: False) -> int:
-        """Parameters that train in a run of ``epochs`` epochs (groups opening later are not counted)."""
+    def trained_params(self, model: nn.Module, skip=lambda name: False) -> int:
+        """Parameters of groups open in some epoch the run entered (epochs 0..last_epoch; open sets only grow)."""
         return sum(p.numel() for n, p in model.named_parameters() if n in self.trainable and not skip(n)
-                   and any(self.is_open(self.depths[n], e) for e in range(max(1, epochs))))
+                   and any(self.is_open(self.depths[n], e) for e in range(self.last_epoch + 1)))
 
     def rows(self, model: nn.Module, optimizer, group_names: list[str], epoch: int) -> list[dict]:
         """What the optimizer holds now, per param group, plus depth groups frozen for the whole run."""
@@ -108,6 +109,7 @@ class GroupGates(L.Callback):
         key = (id(trainer), epoch)
         if key != self._applied:
             gates.apply(module.model, epoch, isinstance(trainer.strategy, SingleDeviceStrategy))
+            gates.last_epoch = max(gates.last_epoch, epoch)
             self._applied = key
             state = gates.open_set(epoch)
             if state != self._logged:

@@ -8,8 +8,10 @@ import warnings
 
 NOISE = ("💡 Tip", "Loading `train_dataloader` to estimate")
 WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated", r"The number of training batches \(\d+\) is smaller",
-            r".*does not have many workers", r"Experiment logs directory .* exists and is not empty",
-            r"Checkpoint directory .* exists and is not empty")
+            r".*does not have many workers")
+# expected when resuming (the csv logger appends, checkpoints continue); a fresh run into a used folder keeps them
+RESUME_WARNINGS = (r"Experiment logs directory .* exists and is not empty",
+                   r"Checkpoint directory .* exists and is not empty")
 
 
 class _DropNoise(logging.Filter):
@@ -17,12 +19,12 @@ class _DropNoise(logging.Filter):
         return not str(record.msg).startswith(NOISE)
 
 
-def quiet_third_party() -> None:
+def quiet_third_party(resuming: bool = False) -> None:
     """Idempotent; called at the start of every run."""
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropNoise) for f in rank_zero.filters):
         rank_zero.addFilter(_DropNoise())
-    for pattern in WARNINGS:
+    for pattern in WARNINGS + (RESUME_WARNINGS if resuming else ()):
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("onnxscript", "onnx_ir"):  # "Replaced initializer ...", "Removed 137 unused nodes" per pass
         logging.getLogger(name).setLevel(logging.WARNING)

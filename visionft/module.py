@@ -49,6 +49,16 @@ def training_horizon(trainer) -> tuple[int, int]:
     return max(1, int(total)), max(1, per_epoch)
 
 
+def soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy with soft targets (mixup/cutmix; timm's Mixup already applied label smoothing). With class
+    weights, class c's term is weighted by w_c and the batch is normalized by the total target weight, the same
+    weighted mean ``F.cross_entropy(weight=...)`` takes over hard labels, so mixed and plain batches step alike."""
+    logp = F.log_softmax(logits, dim=-1)
+    if weight is None:
+        return -(soft * logp).sum(-1).mean()
+    return -(soft * weight * logp).sum() / (soft @ weight).sum()
+
+
 def make_metrics(num_classes: int, prefix: str) -> MetricCollection:
     metrics = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -135,8 +145,7 @@ class TransferModule(L.LightningModule):
         if self.mixup is not None and x.shape[0] % 2 == 0:
             x, soft = self.mixup(self.normalize(x), y)
             logits = self.net(x)
-            # soft targets (timm's Mixup already applied label smoothing); class c's term weighted by w_c
-            loss = F.cross_entropy(logits, soft, weight=self.class_weights)
+            loss = soft_cross_entropy(logits, soft, self.class_weights)
         else:
             logits = self(x)
             loss = F.cross_entropy(logits, y, weight=self.class_weights,
@@ -177,7 +186,6 @@ class TransferModule(L.LightningModule):
         on_cuda = next(self.model.parameters()).is_cuda
         opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(o.betas), fused=on_cuda or None)
         total, steps_per_epoch = training_horizon(self.trainer)
-        self.planned_epochs = math.ceil(total / steps_per_epoch)
         warmup = int(round(o.warmup_epochs * steps_per_epoch))
         schedule = lambda t: warmup_cosine(t, total, warmup, o.min_lr_ratio)  # noqa: E731
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, gates.is_open, steps_per_epoch, schedule))
@@ -196,9 +204,8 @@ class TransferModule(L.LightningModule):
         checkpoint["visionft"] = self.meta
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters that train within the configured run (a group that would open after the last epoch is not
-        counted) and all parameters; peft's frozen copy of a ``modules_to_save`` head is not counted twice."""
+        """Parameters that trained in the run (in the epochs it entered: a group that gradual unfreezing would open
+        after the last epoch, or after early stopping, is not counted; before any fit, epoch 0) and all parameters; peft's frozen copy of a ``modules_to_save`` head is not counted twice."""
         copy = lambda name: ".original_module." in name  # noqa: E731
-        epochs = getattr(self, "planned_epochs", None) or 1
-        return {"trainable_params": self.gates.trained_params(self.model, epochs, skip=copy),
+        return {"trainable_params": self.gates.trained_params(self.model, skip=copy),
                 "total_params": sum(p.numel() for n, p in self.model.named_parameters() if not copy(n))}

@@ -113,13 +113,16 @@ def build(cfg: DictConfig):
 
 def output_dir(cfg: DictConfig) -> Path:
     """``paths.output_dir``, or Hydra's run (or multirun job) directory when it is not set."""
-    if cfg.paths.get("output_dir"):
-        return Path(cfg.paths.output_dir)
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    if cfg.paths.get("output_dir"):  # in a multirun, one subfolder per job (as Hydra's own sweep dir has)
+        sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
+        return Path(cfg.paths.output_dir) / (str(hydra.job.num) if sweep else "")
+    if hydra is None:
         raise ValueError("paths.output_dir is not set: pass paths.output_dir=DIR")
-    return Path(HydraConfig.get().runtime.output_dir)
+    return Path(hydra.runtime.output_dir)
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -134,9 +137,8 @@ def check_options(cfg: DictConfig) -> None:
 def evaluate(trainer: L.Trainer, module: TransferModule, dm, weights: str | None) -> tuple[dict, dict]:
     """Validate and test the one final model: the checkpoint's weights (the EMA weights when EMA is on), loaded
     weights-only into the module, which is then also what adapters and exports are made from."""
-    if weights:
-        state = torch.load(weights, map_location=module.device, weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+    if weights:  # through the strategy's checkpoint IO (weights-only), as Lightning itself loads checkpoints
+        module.load_state_dict(trainer.strategy.load_checkpoint(weights, weights_only=True)["state_dict"])
     for cb in [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]:
         trainer.callbacks.remove(cb)  # it would swap in (or reload) other weights around evaluation
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]
@@ -148,7 +150,7 @@ def train(cfg: DictConfig) -> dict:
     """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``) on val and test, write
     ``metrics.json`` and ``config.yaml`` into the output directory, then artifacts and the export."""
     start = time.perf_counter()
-    quiet_third_party()
+    quiet_third_party(resuming=bool(cfg.resume or cfg.ckpt_path))
     out = output_dir(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
