@@ -58,7 +58,7 @@ class LRs(__import__("lightning").Callback):
 
 
 def _fit(tiny_cfg, *overrides):
-    cfg = tiny_cfg("trainer.limit_val_batches=1", "optim.min_lr_ratio=0", *overrides)
+    cfg = tiny_cfg("trainer.limit_val_batches=1", "scheduler.min_lr_ratio=0", *overrides)
     dm, _, module = build(cfg)
     trainer, _, _ = build_trainer(cfg, Path(cfg.paths.output_dir))
     rec = LRs()
@@ -120,7 +120,7 @@ def _plain_eval(module, loader):
 
 def test_ema_weights_are_what_val_test_and_the_adapter_see(tiny_cfg, tmp_path):
     out = tmp_path / "ema"
-    cfg = tiny_cfg("strategy=lora", "strategy.r=2", "callbacks.ema_decay=0.5", "trainer.max_epochs=2",
+    cfg = tiny_cfg("strategy=lora", "strategy.r=2", "callbacks=[default,ema]", "callbacks.ema.decay=0.5", "trainer.max_epochs=2",
                    "strategy.lr=5e-2", output_dir=out)
     metrics = train(cfg)
     ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)

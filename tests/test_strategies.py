@@ -79,7 +79,7 @@ def _bns(module):
 
 def _run(tiny_cfg, overrides):
     cfg = tiny_cfg(*overrides, f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES}",
-                   "trainer.limit_val_batches=1", "optim.warmup_epochs=1")
+                   "trainer.limit_val_batches=1", "scheduler.warmup_epochs=1")
     dm, backbone, module = build(cfg)
     trainer, _, _ = build_trainer(cfg, __import__("pathlib").Path(cfg.paths.output_dir))
     rec = Recorder()
@@ -114,7 +114,7 @@ def test_strategy_table(case, model, tiny_cfg):
     # 3. the LR each group really holds = lr * warmup_cosine(step) * decay^(distance from head) * open
     total, spe = EPOCHS * BATCHES, BATCHES
     for step, groups in rec.lrs.items():
-        base = cfg.strategy.lr * warmup_cosine(step, total, spe, cfg.optim.min_lr_ratio)
+        base = cfg.strategy.lr * warmup_cosine(step, total, spe, cfg.scheduler.min_lr_ratio)
         for depth, lr, mult in groups:
             assert mult == pytest.approx(decay ** (n - 1 - depth))  # (LoRA+ ratio is 1.0 here)
             is_open = depth in opened[step // spe]
@@ -131,7 +131,7 @@ def test_strategy_table(case, model, tiny_cfg):
 def test_lr_sampled_in_warmup_and_mid_cosine(tiny_cfg):
     """Layer-wise LR under the scheduler: read the optimizer during warmup and mid-cosine."""
     cfg, backbone, module, rec = _run(tiny_cfg, ["strategy=layerwise_lr", "strategy.layer_decay=0.5",
-                                                 "optim.min_lr_ratio=0.0"])
+                                                 "scheduler.min_lr_ratio=0.0"])
     lr = cfg.strategy.lr
     head = [g for g in rec.lrs[1] if g[0] == 5][0][1]
     stem = [g for g in rec.lrs[1] if g[0] == 0][0][1]

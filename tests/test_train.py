@@ -52,8 +52,8 @@ def test_training_options_run(tiny_cfg, tmp_path):
     """Label smoothing, mixup/cutmix, balanced class weights, EMA, clipping, accumulation and early stopping."""
     metrics = train(tiny_cfg(
         "trainer.max_epochs=2", "loss.mixup=0.2", "loss.cutmix=1.0", "loss.label_smoothing=0.1",
-        "loss.class_weights=balanced", "callbacks.ema_decay=0.9", "trainer.gradient_clip_val=1.0",
-        "trainer.accumulate_grad_batches=2", "callbacks.early_stopping_patience=1", "deterministic=true",
+        "loss.class_weights=balanced", "callbacks=[default,ema,early_stopping]", "callbacks.ema.decay=0.9", "trainer.gradient_clip_val=1.0",
+        "trainer.accumulate_grad_batches=2", "callbacks.early_stopping.patience=1", "deterministic=true",
         output_dir=tmp_path / "opts"))
     assert metrics["epochs"] >= 1 and "test/acc" in metrics["test"]
 

@@ -38,6 +38,7 @@ class Backbone:
     bn_groups: dict[str, int] = field(default_factory=dict)  # BatchNorm module name -> group index
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model arguments beyond name/num_classes
     new_head: bool = False  # the classifier was created for this task (pretrained body, no pretrained head)
+    classifier: str = ""  # module name of the classifier (timm's get_classifier())
 
 
 def depth_groups(model: nn.Module) -> list[DepthGroup]:
@@ -137,4 +138,5 @@ def create_backbone(
     if image_size:
         data_config["input_size"] = (3, int(image_size), int(image_size))
     groups = depth_groups(model)
-    return Backbone(model, name, groups, data_config, weights, bn_group_index(model, groups), used_kwargs, new_head)
+    return Backbone(model, name, groups, data_config, weights, bn_group_index(model, groups), used_kwargs, new_head,
+                    _classifier_name(model))

@@ -24,7 +24,8 @@ class ExportCheckFailed(RuntimeError):
 
 
 def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
-    """The plain timm model of a visionft checkpoint (adapters merged), its metadata and its run config."""
+    """The deployable model of a visionft checkpoint (the strategy's ``to_deployable``: adapters merged where they
+    can be), its metadata and its run config."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -37,11 +38,9 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
     backbone = create_backbone(meta["timm_name"], meta["num_classes"], pretrained=False,
                                kwargs={k: v for k, v in meta["model_kwargs"].items() if k != "img_size"},
                                image_size=meta["model_kwargs"].get("img_size"))
-    model = instantiate(cfg.strategy).prepare(backbone.model, backbone)
-    model.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
-    if hasattr(model, "merge_and_unload"):  # peft: fold the adapters into the base weights
-        model = model.merge_and_unload()
-    return model.eval(), meta, ckpt["hyper_parameters"]
+    adapted = instantiate(cfg.strategy).prepare(backbone.model, backbone)
+    adapted.model.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    return adapted.to_deployable().eval(), meta, ckpt["hyper_parameters"]
 
 
 def held_out_batch(hparams: dict, meta: dict, n: int = 256) -> tuple[torch.Tensor, str]:

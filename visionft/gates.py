@@ -37,11 +37,12 @@ class Gates:
     def open_set(self, epoch: int) -> tuple[bool, ...]:
         return tuple(self.is_open(d, epoch) for d in range(self.n_groups))
 
-    def freeze_never_open(self, model: nn.Module) -> None:
-        """Freeze groups the strategy never opens; what is left is every parameter the run may train."""
+    def freeze_never_open(self, model: nn.Module, trainable=lambda name: True) -> None:
+        """Freeze what never trains: parameters the strategy's ``prepare`` does not train (``trainable``) and groups
+        it never opens; what is left is every parameter the run may train."""
         for name, p in model.named_parameters():
-            if self.strategy.open_epoch(self.depths[name], self.n_groups) is None:
-                p.requires_grad_(False)
+            opens = self.strategy.open_epoch(self.depths[name], self.n_groups) is not None
+            p.requires_grad_(opens and trainable(name))
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
     def apply(self, model: nn.Module, epoch: int, toggle_requires_grad: bool) -> None:

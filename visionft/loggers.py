@@ -1,11 +1,11 @@
-"""Loggers: Lightning's CSV logger that keeps its history across a resume (Lightning's deletes ``metrics.csv`` when
-a new logger opens the folder), and TensorBoard."""
+"""Lightning's CSV logger that keeps its history across a resume (Lightning's deletes ``metrics.csv`` when a new
+logger opens the folder). The other loggers are Lightning's own, chosen by the Hydra group ``logger``."""
 from __future__ import annotations
 
 import csv
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
@@ -30,8 +30,3 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return super().experiment
-
-
-def default_loggers(out, resuming: bool) -> list:
-    return [ResumableCSVLogger(out, name="csv", version="", append=resuming),
-            TensorBoardLogger(out, name="tb", version="")]

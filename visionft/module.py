@@ -1,11 +1,13 @@
-"""TransferModule: one LightningModule for every strategy. It normalizes uint8 batches on device, computes the
-loss and torchmetrics, builds param groups and the schedule from the strategy's answers, and enforces which depth
-groups are open (updates, BatchNorm mode) at each epoch. It never asks which strategy it runs."""
+"""TransferModule: one LightningModule for every strategy: forward (uint8 batches normalized on device), loss,
+torchmetrics, and the optimizer and schedule built from the strategy's answers (``visionft.optim``). Which groups
+train when, and BatchNorm modes, live in ``visionft.gates``; what a wrapper added, in ``visionft.adapted``. It never
+asks which strategy it runs."""
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import lightning as L
 import torch
@@ -14,9 +16,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from visionft.adapted import Adapted
 from visionft.backbones import Backbone
 from visionft.gates import Gates, GroupGates
-from visionft.optim import build_param_groups, lr_lambdas, param_depths, plain_name, warmup_cosine
+from visionft.optim import (Clock, build_param_groups, lr_lambdas, make_optimizer, training_horizon,
+                            weight_decay_of)
+from visionft.schedules import WarmupCosine
 from visionft.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -24,29 +29,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainOptions:
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
+    """Loss and memory-format options (the optimizer and the schedule come from their own config groups)."""
+
     label_smoothing: float = 0.0
     mixup: float = 0.0  # mixup alpha (timm Mixup); 0 = off
     cutmix: float = 0.0  # cutmix alpha; 0 = off
     class_weights: list[float] | None = None
     channels_last: bool = False
-
-
-def training_horizon(trainer) -> tuple[int, int]:
-    """(optimizer steps in the run, optimizer steps per epoch), from the real number of training batches per epoch
-    (after ``limit_train_batches``) and gradient accumulation; ``max_steps`` may end the run before the last epoch."""
-    total = trainer.estimated_stepping_batches
-    if not math.isfinite(total):
-        raise ValueError("trainer.max_epochs=-1 with no trainer.max_steps trains forever, but the LR schedule needs an "
-                         "end: set trainer.max_epochs=N or trainer.max_steps=N")
-    if trainer.train_dataloader is None:  # max_epochs=-1 + max_steps: Lightning did not load the data to estimate
-        trainer.fit_loop.setup_data()
-    batches = trainer.num_training_batches
-    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else int(total)
-    return max(1, int(total)), max(1, per_epoch)
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -86,19 +75,21 @@ def checkpoint_meta(backbone: Backbone, num_classes: int, classes: list[str] | N
 
 
 class TransferModule(L.LightningModule):
-    def __init__(self, model: nn.Module, backbone: Backbone, strategy: Strategy, num_classes: int,
+    def __init__(self, adapted: Adapted, backbone: Backbone, strategy: Strategy, num_classes: int,
                  options: TrainOptions | None = None, hparams: dict | None = None,
-                 classes: list[str] | None = None, geometry: dict | None = None) -> None:
+                 classes: list[str] | None = None, geometry: dict | None = None,
+                 optimizer: Callable | None = None, schedule: Callable | None = None) -> None:
         super().__init__()
         self.meta = checkpoint_meta(backbone, num_classes, classes, geometry)
         self.save_hyperparameters(hparams or {})  # plain containers only: checkpoints load weights-only
-        self.model, self.strategy, self.options = model, strategy, options or TrainOptions()
+        self.model, self.strategy, self.options = adapted.model, strategy, options or TrainOptions()
+        self.adapted = adapted
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, weight_decay=0.05)
+        self.schedule = schedule or WarmupCosine()
         self.group_names = [g.name for g in backbone.groups]
         strategy.validate(len(backbone.groups))
-        bn_depths = {name: backbone.bn_groups[plain_name(name)] for name, m in model.named_modules()
-                     if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-        self.gates = Gates(strategy, len(backbone.groups), param_depths(model, backbone), bn_depths)
-        self.gates.freeze_never_open(model)
+        self.gates = Gates(strategy, len(backbone.groups), adapted.depths(), adapted.bn_depths())
+        self.gates.freeze_never_open(self.model, adapted.trainable)
         mean, std = backbone.data_config["mean"], backbone.data_config["std"]
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
@@ -175,20 +166,19 @@ class TransferModule(L.LightningModule):
 
     # -- optimizer, schedule, gates --------------------------------------------------------------------------
     def configure_optimizers(self):
-        s, o = self.strategy, self.options
-        no_decay = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        gates = self.gates
+        s, gates, adapted = self.strategy, self.gates, self.adapted
+        plain = adapted.backbone.model
+        no_decay = set(plain.no_weight_decay()) if hasattr(plain, "no_weight_decay") else set()
         groups = build_param_groups(self.model, gates.depths, self.group_names,
                                     lambda depth, name: s.lr_scale(depth, gates.n_groups, name),
-                                    o.weight_decay, no_decay)
+                                    weight_decay_of(self.optimizer_factory),
+                                    no_decay=lambda name: adapted.plain_name(name) in no_decay)
         if not groups:
             raise ValueError(f"strategy {s.name} leaves no parameter to train")
-        on_cuda = next(self.model.parameters()).is_cuda
-        opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(o.betas), fused=on_cuda or None)
+        opt = make_optimizer(self.optimizer_factory, groups, s.lr, next(self.model.parameters()).is_cuda)
         total, steps_per_epoch = training_horizon(self.trainer)
-        warmup = int(round(o.warmup_epochs * steps_per_epoch))
-        schedule = lambda t: warmup_cosine(t, total, warmup, o.min_lr_ratio)  # noqa: E731
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, gates.is_open, steps_per_epoch, schedule))
+        clock = Clock(steps_per_epoch, total, tuple(s.phase_starts(gates.n_groups)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, gates.is_open, clock, self.schedule))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_callbacks(self):
@@ -205,7 +195,8 @@ class TransferModule(L.LightningModule):
 
     def param_counts(self) -> dict[str, int]:
         """Parameters that trained in the run (in the epochs it entered: a group that gradual unfreezing would open
-        after the last epoch, or after early stopping, is not counted; before any fit, epoch 0) and all parameters; peft's frozen copy of a ``modules_to_save`` head is not counted twice."""
-        copy = lambda name: ".original_module." in name  # noqa: E731
-        return {"trainable_params": self.gates.trained_params(self.model, skip=copy),
-                "total_params": sum(p.numel() for n, p in self.model.named_parameters() if not copy(n))}
+        after the last epoch, or after early stopping, is not counted; before any fit, epoch 0) and all parameters;
+        a frozen copy a wrapper keeps of a parameter (e.g. the original of a head it trains a copy of) is not counted twice."""
+        dup = self.adapted.duplicate
+        return {"trainable_params": self.gates.trained_params(self.model, skip=dup),
+                "total_params": sum(p.numel() for n, p in self.model.named_parameters() if not dup(n))}

@@ -1,52 +1,20 @@
 """Optimizer param groups and the LR schedule, as small pure functions.
 
 Every param group is created at step 0 (fixed optimizer shape: resume and DDP stay trivial, no scheduler breaks
-from groups added mid-run). Its LR at optimizer step t is ``lr * warmup_cosine(t) * lr_mult * open(epoch(t))``,
+from groups added mid-run). Its LR at optimizer step t is ``lr * shape(t in its phase) * lr_mult * open(epoch(t))``,
 computed by a LambdaLR lambda, so what the optimizer holds is exactly what each group gets; timm's ``lr_scale``
 key, which only timm's own schedulers read, is not used.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
-from visionft.backbones import Backbone
-
-_WRAPPER_PARTS = ("base_model.model.", ".base_layer", ".modules_to_save.default", ".original_module")
-
-
-def plain_name(name: str) -> str:
-    """A parameter's name in the plain timm model, with peft's wrapping removed."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
-def param_depths(model: nn.Module, backbone: Backbone) -> dict[str, int]:
-    """Depth group of every parameter of ``model`` (the timm model, possibly wrapped by peft). Parameters that a
-    wrapper added (LoRA A/B, DoRA magnitudes) belong to the group of the module they adapt."""
-    owner = {p: g.index for g in backbone.groups for p in g.params}
-    module_owner: dict[str, int] = {}
-    for p, i in owner.items():
-        parts = p.split(".")
-        for k in range(len(parts) - 1, 0, -1):
-            module_owner.setdefault(".".join(parts[:k]), i)
-    out = {}
-    for name, _ in model.named_parameters():
-        plain = plain_name(name)
-        if plain in owner:
-            out[name] = owner[plain]
-            continue
-        parts = plain.split(".")
-        hit = next((module_owner[".".join(parts[:k])] for k in range(len(parts) - 1, 0, -1)
-                    if ".".join(parts[:k]) in module_owner), None)
-        if hit is None:
-            raise ValueError(f"parameter {name!r} belongs to no depth group of {backbone.name}")
-        out[name] = hit
-    return out
-
+from visionft.schedules import warmup_cosine  # noqa: F401  (re-exported: tests and tools use it)
 
 def build_param_groups(
     model: nn.Module,
@@ -54,18 +22,17 @@ def build_param_groups(
     group_names: list[str],
     lr_mult: Callable[[int, str], float],
     weight_decay: float,
-    no_decay: Iterable[str] = (),
+    no_decay: Callable[[str], bool] = lambda name: False,
 ) -> list[dict]:
     """One optimizer group per (depth group, decay or not, LR multiplier), in depth order. Norm weights, biases
-    (ndim <= 1) and the model's ``no_weight_decay()`` names get no weight decay. Only parameters with
-    ``requires_grad`` enter: those frozen for the whole run are left out."""
-    no_decay = set(no_decay)
+    (ndim <= 1) and the names ``no_decay`` accepts (the model's ``no_weight_decay()``) get no weight decay. Only
+    parameters with ``requires_grad`` enter: those frozen for the whole run are left out."""
     buckets: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         depth = depths[name]
-        decays = p.ndim > 1 and plain_name(name) not in no_decay
+        decays = p.ndim > 1 and not no_decay(name)
         mult = float(lr_mult(depth, name))
         key = (depth, not decays, mult)
         if key not in buckets:
@@ -76,29 +43,70 @@ def build_param_groups(
     return [buckets[k] for k in sorted(buckets)]
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """Linear warmup from 1/warmup_steps to 1 over ``warmup_steps`` optimizer steps, then cosine to min_lr_ratio."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+@dataclass(frozen=True)
+class Clock:
+    """Optimizer steps -> epochs and phases, one clock for the open set and the LR. A phase starts at an epoch
+    (``strategy.phase_starts``); the schedule restarts there, counting from the phase start over the phase's length
+    (to the next phase, or the end of the run)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    phase_starts: tuple[int, ...] = (0,)
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def phase(self, step: int) -> tuple[int, int]:
+        """(step within its phase, length of that phase) in optimizer steps."""
+        starts = sorted({0, *(e * self.steps_per_epoch for e in self.phase_starts
+                              if e * self.steps_per_epoch < self.total_steps)})
+        start = max(s for s in starts if s <= step)
+        end = min((s for s in starts if s > step), default=self.total_steps)
+        return step - start, max(1, end - start)
 
 
 def lr_lambdas(
     param_groups: list[dict],
     is_open: Callable[[int, int], bool],
-    steps_per_epoch: int,
-    schedule: Callable[[int], float],
+    clock: Clock,
+    shape: Callable[[int, int, int], float],
 ) -> list[Callable[[int], float]]:
-    """LambdaLR's list form: one factor per group = schedule(step) x lr_mult x open(depth, epoch of step)."""
+    """LambdaLR's list form: one factor per group = shape(step in phase) x lr_mult x open(depth, epoch of step)."""
 
     def make(depth: int, mult: float) -> Callable[[int], float]:
         def factor(step: int) -> float:
-            return schedule(step) * mult * float(is_open(depth, step // steps_per_epoch))
+            return shape(*clock.phase(step), clock.steps_per_epoch) * mult * float(is_open(depth, clock.epoch(step)))
 
         return factor
 
     return [make(g["depth"], g["lr_mult"]) for g in param_groups]
+
+
+def training_horizon(trainer) -> tuple[int, int]:
+    """(optimizer steps in the run, optimizer steps per epoch), from the real number of training batches per epoch
+    (after ``limit_train_batches``) and gradient accumulation; ``max_steps`` may end the run before the last epoch."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError("trainer.max_epochs=-1 with no trainer.max_steps trains forever, but the LR schedule needs an "
+                         "end: set trainer.max_epochs=N or trainer.max_steps=N")
+    if trainer.train_dataloader is None:  # max_epochs=-1 + max_steps: Lightning did not load the data to estimate
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else int(total)
+    return max(1, int(total)), max(1, per_epoch)
+
+
+def weight_decay_of(factory) -> float:
+    """The weight decay an optimizer factory (a ``functools.partial``, Hydra ``_partial_: true``) was configured
+    with: decaying groups get it, no-decay groups 0."""
+    return float(getattr(factory, "keywords", {}).get("weight_decay", 0.0))
+
+
+def make_optimizer(factory, groups: list[dict], lr: float, on_cuda: bool):
+    """``factory(groups, lr=lr)``; on CUDA, the fused kernel where the optimizer has one and none was chosen."""
+    func = getattr(factory, "func", factory)
+    fused = on_cuda and "fused" in inspect.signature(func).parameters and "fused" not in getattr(factory, "keywords", {})
+    return factory(groups, lr=lr, **({"fused": True} if fused else {}))
 
 
 def group_table(rows: list[dict]) -> str:

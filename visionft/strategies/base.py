@@ -5,7 +5,9 @@ else: the training loop, optimizer and scheduler are shared and know no strategy
 
 1. ``open_epoch(i, n)``: from which epoch group ``i`` of ``n`` trains; ``None`` = never (frozen for the run).
 2. ``lr_scale(i, n, param_name)``: a constant LR multiplier (layer-wise decay, LoRA+ ratio for B matrices).
-3. ``prepare(model, backbone)``: structural changes before training (e.g. wrapping with peft); default none.
+3. ``prepare(model, backbone) -> Adapted``: structural changes before training (freezing parts, wrapping with peft,
+   adding prompt tokens); what it adds or wraps is declared by the returned ``visionft.adapted.Adapted`` (depth group
+   of every new parameter, plain names, what trains, how to deploy, the artifact), so no core module knows a wrapper.
 
 and declares a BatchNorm policy ``bn``: ``frozen`` keeps every BatchNorm in eval mode (running statistics from
 pretraining untouched; affine weights still train where their group trains), ``train`` lets BatchNorm of open groups
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
+
+from visionft.adapted import Adapted
 
 BN_POLICIES = ("frozen", "train")
 
@@ -56,10 +60,17 @@ class Strategy:
     def lr_scale(self, index: int, n_groups: int, param_name: str) -> float:
         return self.layer_decay ** (n_groups - 1 - index)
 
-    def prepare(self, model: nn.Module, backbone) -> nn.Module:
-        return model
+    def prepare(self, model: nn.Module, backbone) -> Adapted:
+        return Adapted(model, backbone)
 
-    def save_artifacts(self, model: nn.Module, out) -> list:
+    def phase_starts(self, n_groups: int) -> list[int]:
+        """Epochs at which a new phase begins: warmup and the schedule restart there (one phase by default)."""
+        return [0]
+
+    def post_fit(self, adapted: Adapted, trainer, datamodule) -> None:
+        """A step after fit and before the final evaluation (weight interpolation, a probe head); default none."""
+
+    def save_artifacts(self, adapted: Adapted, out) -> list:
         """Files a strategy writes next to the checkpoints after the run (e.g. a LoRA adapter); default none."""
         return []
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from visionft.adapted import Adapted
 from visionft.strategies.base import Strategy
 
 # Default targets per timm model class (regex, full match on module names of the plain timm model).
@@ -63,27 +64,61 @@ class Lora(Strategy):
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.use_dora,
                           target_modules=self.targets(model), modules_to_save=[classifier])
 
-    def prepare(self, model: nn.Module, backbone) -> nn.Module:
+    def prepare(self, model: nn.Module, backbone) -> PeftAdapted:
         from peft import get_peft_model
 
-        classifier = backbone.groups[-1].params[0].rsplit(".", 1)[0]
-        return get_peft_model(model, self.peft_config(model, classifier))
+        return PeftAdapted(get_peft_model(model, self.peft_config(model, backbone.classifier)), backbone,
+                           with_bn_stats=self.bn == "train")
 
-    def save_artifacts(self, model: nn.Module, out: Path) -> list[Path]:
-        return [*save_adapter(model, out, with_bn_stats=self.bn == "train")]
+    def save_artifacts(self, adapted: PeftAdapted, out: Path) -> list[Path]:
+        return [*save_adapter(adapted.model, out, adapted.artifact_state())]
 
 
-def save_adapter(model: nn.Module, out: Path, with_bn_stats: bool) -> tuple[Path, Path]:
-    """Write the adapter (LoRA/DoRA weights + head [+ BatchNorm statistics]) as safetensors, and its peft config."""
-    from peft import get_peft_model_state_dict
+# peft's wrapping of a timm model's names: base_model.model.<name>, <layer>.base_layer.<p>, the trained head copy
+# <head>.modules_to_save.default.<p> and its frozen original <head>.original_module.<p>
+_PEFT_PARTS = ("base_model.model.", ".base_layer", ".modules_to_save.default", ".original_module")
+
+
+class PeftAdapted(Adapted):
+    """A peft-wrapped timm model: LoRA A/B and DoRA magnitudes belong to the group of the layer they adapt."""
+
+    def __init__(self, model: nn.Module, backbone, with_bn_stats: bool) -> None:
+        super().__init__(model, backbone)
+        self.with_bn_stats = with_bn_stats
+
+    def plain_name(self, name: str) -> str | None:
+        for part in _PEFT_PARTS:
+            name = name.replace(part, "")
+        return None if ".lora_" in name else name
+
+    def depth_of(self, name: str) -> int:
+        return super().depth_of(name.split(".lora_")[0] + ".weight" if ".lora_" in name else name)
+
+    def duplicate(self, name: str) -> bool:
+        return ".original_module." in name
+
+    def to_deployable(self) -> nn.Module:
+        return self.model.merge_and_unload()  # a plain timm model with the adapters folded into its weights
+
+    def artifact_state(self) -> dict:
+        """The adapters and the head (peft's own selection) [+ BatchNorm statistics if BatchNorm trained]."""
+        from peft import get_peft_model_state_dict
+
+        sd = dict(get_peft_model_state_dict(self.model))
+        if self.with_bn_stats:
+            sd.update({k: v for k, v in self.model.state_dict().items() if k.endswith(_BN_STATS)})
+        return sd
+
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def save_adapter(model: nn.Module, out: Path, state: dict) -> tuple[Path, Path]:
+    """Write the adapter state as safetensors and its peft config beside it."""
     from safetensors.torch import save_file
 
-    sd = dict(get_peft_model_state_dict(model))
-    if with_bn_stats:
-        sd.update({k: v for k, v in model.state_dict().items()
-                   if k.endswith(("running_mean", "running_var", "num_batches_tracked"))})
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / ADAPTER_FILE))
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / ADAPTER_FILE))
     config = model.peft_config["default"].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str))
@@ -102,7 +137,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     config = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})
     peft_model = get_peft_model(model, config)
     sd = load_file(str(folder / ADAPTER_FILE))
-    stats = {k: v for k, v in sd.items() if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    stats = {k: v for k, v in sd.items() if k.endswith(_BN_STATS)}
     result = set_peft_model_state_dict(peft_model, {k: v for k, v in sd.items() if k not in stats})
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"adapter {folder} does not fit this model: unexpected {result.unexpected_keys[:5]}")
