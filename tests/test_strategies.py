@@ -173,3 +173,20 @@ def test_bad_strategy_options_are_clear_errors(tiny_cfg):
         build(tiny_cfg("strategy.bn=foo"))
     with pytest.raises(ValueError, match=r"max_depth must be in 1\.\.6"):
         build(tiny_cfg("strategy=gradual_unfreeze", "strategy.max_depth=9"))
+
+
+def test_a_phase_restarts_warmup_and_schedule_on_the_same_clock(tiny_cfg):
+    """gradual_unfreeze with rewarm=true: each unfreeze (epochs 0, 1, 2) starts a phase of 3 steps; every group's LR
+    is lr x warmup_cosine(step within the phase, phase length) x open(epoch), read from the optimizer."""
+    cfg, backbone, module, rec = _run(tiny_cfg, ["strategy=gradual_unfreeze", "strategy.rewarm=true"])
+    n = len(RESNET)
+    lr, floor = cfg.strategy.lr, cfg.scheduler.min_lr_ratio
+    warmup = round(cfg.scheduler.warmup_epochs * BATCHES)
+    for step, groups in rec.lrs.items():
+        epoch, local = divmod(step, BATCHES)
+        for depth, got, _ in groups:
+            opened = depth >= n - 1 - epoch
+            expected = lr * warmup_cosine(local, BATCHES, warmup, floor) * opened
+            assert got == pytest.approx(expected, abs=1e-12), (step, depth)
+    heads = [next(g[1] for g in rec.lrs[s] if g[0] == n - 1) for s in sorted(rec.lrs)]
+    assert heads[0] == heads[3] == heads[6] < heads[2]  # warmed up again at each phase start

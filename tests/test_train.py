@@ -130,3 +130,47 @@ def test_cli_run_output_is_single_quiet_and_in_output_dir(tmp_path):
     assert "base_lr" in text and "lr_now" in text
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "metrics.json").is_file()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_every_param_group_lr_reaches_the_loggers(tiny_cfg, tmp_path):
+    """LearningRateMonitor (callbacks group): one LR column per optimizer param group, named by the group."""
+    import csv
+
+    out = tmp_path / "lrs"
+    train(tiny_cfg("strategy=full", output_dir=out))
+    header = next(csv.reader(open(out / "csv" / "metrics.csv")))
+    lr_cols = {c for c in header if c.startswith("lr-")}
+    assert {f"lr-AdamW/{g}" for g in ("stem", "stem/no_decay", "head", "head/no_decay")} <= lr_cols
+    assert len(lr_cols) == 12  # test_resnet: 6 depth groups x (decay, no decay), each with its own LR
+
+
+def test_logger_none_and_a_missing_extra(tiny_cfg, tmp_path):
+    out = tmp_path / "nolog"
+    metrics = train(tiny_cfg("logger=none", output_dir=out))
+    assert "test/acc" in metrics["test"] and not (out / "csv").exists() and not (out / "tb").exists()
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r'logger=mlflow needs its library: pip install "visionft\[mlflow\]"'):
+            train(tiny_cfg("logger=[csv,mlflow]", output_dir=tmp_path / "ml"))
+
+
+@pytest.mark.parametrize("optimizer,cls", [("sgd", "SGD"), ("lion", "Lion"), ("adamw", "AdamW")])
+def test_optimizer_group_builds_the_optimizer_with_per_group_decay(tiny_cfg, optimizer, cls):
+    from visionft.train import build, build_trainer
+
+    cfg = tiny_cfg(f"optimizer={optimizer}", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
+    dm, _, module = build(cfg)
+    trainer, _, _ = build_trainer(cfg, __import__("pathlib").Path(cfg.paths.output_dir))
+    trainer.fit(module, datamodule=dm)
+    opt = trainer.optimizers[0]
+    assert type(opt).__name__ == cls
+    decays = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+    assert decays["head"] == cfg.optimizer.weight_decay and decays["head/no_decay"] == 0.0
+
+
+def test_step_scheduler_decays_at_its_milestones(tiny_cfg):
+    from visionft.schedules import Step
+
+    shape = Step(milestones=[0.5, 0.75], gamma=0.1)
+    assert [shape(t, 8, 2) for t in (0, 3, 4, 5, 6, 7)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])

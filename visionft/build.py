@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from visionft.callbacks import NanGuard, TrainThroughput
@@ -84,10 +84,11 @@ def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoin
         kwargs["precision"] = auto_precision()
     kwargs = {"enable_model_summary": False, **{k: v for k, v in kwargs.items() if v is not None}}
     speed = TrainThroughput()
-    callbacks = [c for c in instantiate_entries(cfg.callbacks, "callbacks")
-                 if kwargs.get("enable_progress_bar", True) or not isinstance(c, ProgressBar)]
-    best = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     loggers = instantiate_entries(cfg.get("logger"), "logger")
+    callbacks = [c for c in instantiate_entries(cfg.callbacks, "callbacks")  # progress bar, LR monitor: if wanted
+                 if (kwargs.get("enable_progress_bar", True) or not isinstance(c, ProgressBar))
+                 and (loggers or not isinstance(c, LearningRateMonitor))]
+    best = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     for lg in loggers:  # a resumed run continues its CSV history
         if isinstance(lg, ResumableCSVLogger):
             lg.append = bool(cfg.resume or cfg.ckpt_path)

@@ -12,6 +12,7 @@ class GradualUnfreeze(Strategy):
     every_n_epochs: int = 1
     milestones: list[int] = field(default_factory=list)  # epoch at which the k-th group below the head opens
     max_depth: int | None = None  # how many groups end up trainable, head included; None = all
+    rewarm: bool = False  # restart warmup and the schedule each time a group opens (each unfreeze is a phase)
 
     def validate(self, n_groups: int) -> None:
         if self.max_depth is not None and not 1 <= self.max_depth <= n_groups:
@@ -21,6 +22,11 @@ class GradualUnfreeze(Strategy):
             raise ValueError(f"strategy.milestones={list(self.milestones)} must be increasing epochs")
         if self.every_n_epochs < 1:
             raise ValueError("strategy.every_n_epochs must be >= 1")
+
+    def phase_starts(self, n_groups: int) -> list[int]:
+        if not self.rewarm:
+            return [0]
+        return sorted({e for i in range(n_groups) if (e := self.open_epoch(i, n_groups)) is not None})
 
     def open_epoch(self, index: int, n_groups: int) -> int | None:
         k = n_groups - 1 - index  # 0 = head, 1 = the group below it, ...
