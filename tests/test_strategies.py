@@ -35,8 +35,32 @@ TABLE = {
     "ulmfit": (["strategy=ulmfit", "strategy.layer_decay=0.5"], {0: 1, 1: 2, 2: 3}, "frozen", 0.5),
     "lora": (["strategy=lora", "strategy.r=2"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "dora": (["strategy=dora", "strategy.r=2", "strategy.bn=train"], {0: "all", 1: "all", 2: "all"}, "train", 1.0),
+    "bitfit": (["strategy=bitfit"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "bitfit_norm": (["strategy=bitfit", "strategy.norm=true"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "vpt": (["strategy=vpt", "strategy.tokens=2"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "vpt_deep": (["strategy=vpt", "strategy.tokens=2", "strategy.deep=true"], {0: "all", 1: "all", 2: "all"},
+                 "frozen", 1.0),
 }
 ADAPTED = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save")  # what trains under peft
+HEAD = ("fc.", "head.")  # test_resnet, test_vit classifiers
+
+
+def _norm_weights(model):
+    return {f"{n}.weight" for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm))}
+
+
+# strategies that train part of each open group: which tensors of an open group train (a rule from the method's
+# definition, checked against what moved)
+PARTIAL = {
+    "lora": lambda n, m: any(a in n for a in ADAPTED),
+    "dora": lambda n, m: any(a in n for a in ADAPTED),
+    "bitfit": lambda n, m: n.endswith(".bias") or n.startswith(HEAD),
+    "bitfit_norm": lambda n, m: n.endswith(".bias") or n.startswith(HEAD) or n in _norm_weights(m),
+    "vpt": lambda n, m: n.startswith("prompts.") or n.startswith(tuple("vit." + h for h in HEAD)),
+    "vpt_deep": lambda n, m: n.startswith("prompts.") or n.startswith(tuple("vit." + h for h in HEAD)),
+}
+ONLY = {"vpt": "vit", "vpt_deep": "vit"}  # ViT-family strategies
 # zero_init_last=False: timm zero-initializes each residual block's last BN gamma, which at random init would stop
 # every gradient inside the block (adapters there could never be seen to train)
 MODELS = {"resnet": ("test_resnet", RESNET, ["+backbone.kwargs.zero_init_last=false"]), "vit": ("test_vit", VIT, ["data.image_size=32"])}
@@ -69,8 +93,8 @@ class Recorder(L.Callback):
 
 
 def _wrapped(module, name):
-    """The name a plain-model module has inside the (possibly peft-wrapped) model."""
-    return f"base_model.model.{name}" if name not in dict(module.model.named_modules()) else name
+    """The name a plain-model module has inside the (possibly wrapped) model."""
+    return next(n for n, _ in module.model.named_modules() if module.adapted.plain_name(n) == name)
 
 
 def _bns(module):
@@ -91,6 +115,8 @@ def _run(tiny_cfg, overrides):
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("case", TABLE)
 def test_strategy_table(case, model, tiny_cfg):
+    if ONLY.get(case, model) != model:
+        pytest.skip(f"{case} is for {ONLY[case]} backbones (the convnet error is tested in test_bitfit_vpt.py)")
     overrides, table, bn_policy, decay = TABLE[case]
     timm_name, group_names, extra = MODELS[model]
     cfg, backbone, module, rec = _run(tiny_cfg, [f"backbone.name={timm_name}", *extra, *overrides])
@@ -99,12 +125,15 @@ def test_strategy_table(case, model, tiny_cfg):
     opened = _open(n, {e: (n + k if isinstance(k, int) and k < 0 else k) for e, k in table.items()})
     for epoch in range(EPOCHS):
         # 1. exactly the tensors of the open groups received updates in this epoch
-        peft = case in ("lora", "dora")
+        part = PARTIAL.get(case, lambda n, m: True)
+        plain = module.adapted.backbone.model
         expected = {n for n, _ in module.model.named_parameters() if module.gates.depths[n] in opened[epoch]
-                    and (not peft or any(a in n for a in ADAPTED))}
+                    and part(n, plain)}
         assert rec.changed[epoch] == expected, f"epoch {epoch}"
-        if peft:
+        if case in ("lora", "dora"):
             assert any("lora_B" in n for n in expected) and any("modules_to_save" in n for n in expected)
+        if case.startswith("vpt"):
+            assert sum(n.startswith("prompts.") for n in expected) == (6 if case == "vpt_deep" else 1)
         # 2. BatchNorm: trains only in open groups under policy 'train'; running stats move only then
         for bn_name, depth in backbone.bn_groups.items():
             bn_name = _wrapped(module, bn_name)

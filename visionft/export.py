@@ -1,8 +1,8 @@
-"""Export a trained checkpoint for deployment: TorchScript, ONNX or a torch.export ExportedProgram, plus the
-weights as ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``: pretrained-config preprocessing and
-label names; loadable with ``timm.create_model('local-dir:DIR', pretrained=True)``). LoRA/DoRA adapters are merged
-first, so the artifact needs neither peft nor visionft. Every export checks itself against the eager model before it
-reports success."""
+"""Export a trained checkpoint for deployment: TorchScript, ONNX or a torch.export ExportedProgram of the strategy's
+deployable model (adapters merged where they can be, so a LoRA artifact needs neither peft nor visionft; prompt
+tokens stay inside), plus ``config.json`` (timm's format: the preprocessing evaluation used, label names) and, for a
+plain timm model, ``model.safetensors`` loadable with ``timm.create_model('local-dir:DIR', pretrained=True)``. Every
+export checks itself against the eager model before it reports success."""
 from __future__ import annotations
 
 import logging
@@ -133,8 +133,13 @@ def export(ckpt_path: str | Path, fmt: str, out_dir: str | Path | None = None) -
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, meta["image_size"], meta["image_size"]),
                             "interpolation": meta["interpolation"], "mean": tuple(meta["mean"]),
                             "std": tuple(meta["std"]), "crop_pct": meta["crop_pct"], "num_classes": meta["num_classes"]}
-    timm.models.save_for_hf(model, str(out), model_config={"label_names": meta["classes"]},
-                            model_args=meta["model_kwargs"] or None, safe_serialization=True)
+    hf = {"model_config": {"label_names": meta["classes"]}, "model_args": meta["model_kwargs"] or None}
+    if type(model).__module__.startswith("timm."):  # a plain timm model: weights + config, loadable by timm
+        timm.models.save_for_hf(model, str(out), safe_serialization=True, **hf)
+    else:  # a wrapped model (e.g. prompt tokens): the artifact carries the weights; config.json the preprocessing
+        from timm.models._hub import save_config_for_hf
+
+        save_config_for_hf(model, out / "config.json", **hf)
     report = check_parity(model, load_runner(artifact), inputs, source)
     (out / "export_check.json").write_text(json.dumps(report, indent=2))
     return artifact, report

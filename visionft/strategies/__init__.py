@@ -2,7 +2,10 @@
 ``_target_``), so the config group is the only registry."""
 from visionft.strategies.base import BN_POLICIES, Strategy
 from visionft.strategies.basic import Full, LinearProbe, Partial, Scratch
+from visionft.strategies.bitfit import BitFit
 from visionft.strategies.gradual import GradualUnfreeze
 from visionft.strategies.lora import Lora
+from visionft.strategies.vpt import Vpt
 
-__all__ = ["BN_POLICIES", "Strategy", "Scratch", "LinearProbe", "Full", "Partial", "GradualUnfreeze", "Lora"]
+__all__ = ["BN_POLICIES", "Strategy", "Scratch", "LinearProbe", "Full", "Partial", "GradualUnfreeze", "Lora", "BitFit",
+           "Vpt"]
