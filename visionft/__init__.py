@@ -8,3 +8,11 @@ OmegaConf.register_new_resolver("first", lambda *xs: next((x for x in xs if x no
 # `${monitor_mode:metric,mode}`: the mode a checkpoint/early-stopping callback follows: as given, else min for a loss.
 OmegaConf.register_new_resolver(
     "monitor_mode", lambda monitor, mode=None: mode or ("min" if "loss" in str(monitor) else "max"), replace=True)
+
+
+def __getattr__(name: str):  # the Python API, imported on first use (`import visionft.conf` stays light)
+    if name in ("compose", "fit", "load", "Run", "Trained"):
+        from visionft import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'visionft' has no attribute {name!r}")

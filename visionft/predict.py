@@ -56,38 +56,54 @@ def expand(inputs: list[str]) -> list[Path]:
     return files
 
 
-def predict(artifact: str | Path, inputs: list[str], topk: int = 5, out: str | Path | None = None,
-            batch_size: int = 64) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Top-k predictions for every readable image; unreadable files are returned (and logged), not fatal."""
+def preprocessing_of(meta: dict) -> dict:
+    """The predict config of a checkpoint's metadata (what ``read_config`` gives for an exported artifact)."""
+    return {"size": int(meta["image_size"]), "interpolation": meta["interpolation"], "crop_pct": float(meta["crop_pct"]),
+            "mean": meta["mean"], "std": meta["std"], "labels": list(meta["classes"])}
+
+
+def predict_images(run, cfg: dict, items, topk: int = 5, batch_size: int = 64):
+    """Top-k rows for ``items``: (key, image) pairs where the image is a file path (read like training images) or
+    an RGB uint8 HWC array. Unreadable files are returned in ``failed`` (and logged), not fatal."""
     from datamodules.imagefolder import read_rgb
     from datamodules.transforms import eval_transform, normalize_uint8, to_chw_uint8
 
-    artifact = Path(artifact)
-    cfg, run = read_config(artifact), load_runner(artifact)
     transform = eval_transform(cfg["size"], cfg["interpolation"], cfg["crop_pct"])
     k = min(topk, len(cfg["labels"]))
     rows, failed, batch = [], [], []
 
     def flush():
         x = normalize_uint8(torch.stack([t for _, t in batch]), cfg["mean"], cfg["std"])
-        probs = run(x).float().softmax(-1)
+        with torch.no_grad():
+            probs = torch.as_tensor(run(x)).float().softmax(-1)
         p, idx = probs.topk(k, dim=1)
-        for (path, _), pi, ii in zip(batch, p.tolist(), idx.tolist()):
-            rows.append({"path": str(path), **{f"label_{j + 1}": cfg["labels"][c] for j, c in enumerate(ii)},
+        for (key, _), pi, ii in zip(batch, p.tolist(), idx.tolist()):
+            rows.append({"path": str(key), **{f"label_{j + 1}": cfg["labels"][c] for j, c in enumerate(ii)},
                          **{f"prob_{j + 1}": round(v, 6) for j, v in enumerate(pi)}})
         batch.clear()
 
-    for path in expand(inputs):
+    for key, image in items:
         try:
-            batch.append((path, to_chw_uint8(transform(image=read_rgb(str(path)))["image"])))
+            array = read_rgb(str(image)) if isinstance(image, (str, Path)) else np.asarray(image, dtype=np.uint8)
+            batch.append((key, to_chw_uint8(transform(image=array)["image"])))
         except (RuntimeError, OSError) as e:
-            failed.append((str(path), str(e)))
-            log.warning("skipped unreadable %s", path)
+            failed.append((str(key), str(e)))
+            log.warning("skipped unreadable %s", key)
         if len(batch) == batch_size:
             flush()
     if batch:
         flush()
+    return rows, failed
+
+
+def predict(artifact: str | Path, inputs: list[str], topk: int = 5, out: str | Path | None = None,
+            batch_size: int = 64) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Top-k predictions of an exported artifact for every readable image under ``inputs`` (files, folders)."""
+    artifact = Path(artifact)
+    cfg = read_config(artifact)
+    rows, failed = predict_images(load_runner(artifact), cfg, ((p, p) for p in expand(inputs)), topk, batch_size)
     if out:
+        k = min(topk, len(cfg["labels"]))
         with open(out, "w", newline="") as f:
             cols = ["path", *(f"label_{j + 1}" for j in range(k)), *(f"prob_{j + 1}" for j in range(k))]
             w = csv.DictWriter(f, fieldnames=cols)

@@ -1,0 +1,44 @@
+"""The Python API as a notebook user would call it: compose, fit, metrics, run directory, model, load, predict."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import visionft
+from conftest import TINY
+
+
+def test_fit_load_and_predict_reproduce_the_runs_evaluation(tmp_path):
+    cfg = visionft.compose([*TINY, "data.num_classes=4", "trainer.max_epochs=2"])
+    run = visionft.fit(cfg, output_dir=tmp_path / "run")
+    assert run.dir == tmp_path / "run"
+    assert run.metrics["test"] == json.loads((run.dir / "metrics.json").read_text())["test"]
+    assert isinstance(run.model, torch.nn.Module) and not run.model.training
+    trained = visionft.load(run.dir)
+    assert trained.classes == [f"class_{i}" for i in range(4)]
+    dm = instantiate(cfg.data)  # the run's own test split: raw uint8 images and their labels
+    dm.setup()
+    images, labels = dm.splits["test"].images, dm.splits["test"].labels
+    rows = trained.predict(list(images), topk=1)
+    hits = [r["label_1"] == trained.classes[y] for r, y in zip(rows, labels)]
+    assert sum(hits) / len(hits) == pytest.approx(run.metrics["test"]["test/acc"], abs=1e-6)
+    same = visionft.load(run.metrics["best_checkpoint"])  # a .ckpt path works too
+    assert same.predict(list(images[:4]), topk=1) == rows[:4]
+
+
+def test_fit_takes_overrides_and_the_config_dir_of_a_user(tmp_path):
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "tiny.yaml").write_text(
+        "# @package _global_\ntrainer:\n  max_epochs: 1\nstrategy:\n  lr: 0.002\n")
+    cfg = visionft.compose([*TINY, "experiment=tiny"], config_dir=tmp_path / "conf")
+    assert cfg.strategy.lr == 0.002
+    run = visionft.fit([*TINY, "strategy=linear_probe"], output_dir=tmp_path / "probe")
+    assert run.metrics["strategy"] == "LinearProbe" and run.metrics["epochs"] == 1
+
+
+def test_load_without_checkpoints_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoints/best.ckpt"):
+        visionft.load(tmp_path)

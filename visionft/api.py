@@ -1,0 +1,100 @@
+"""The Python API: compose a run from overrides, fit it, get its metrics, directory and trained model back, and load
+a trained run for inference. ``python -m visionft`` is a thin layer over the same ``train(cfg)``.
+
+    import visionft
+    run = visionft.fit(["strategy=lora", "trainer.max_epochs=2"])       # or fit(visionft.compose([...]))
+    run.metrics["test"]["test/acc"], run.dir
+    trained = visionft.load(run.dir)                                     # or a .ckpt path
+    trained.predict(["photo.jpg", array_hwc_uint8], topk=3)
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+
+def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
+    """The config ``python -m visionft <overrides>`` runs (``config_dir``: an extra search path, like --config-dir)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    if config_dir is not None:
+        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
+    GlobalHydra.instance().clear()
+    with initialize_config_module("visionft.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+@dataclass
+class Run:
+    metrics: dict
+    dir: Path
+    _trained: Trained | None = field(default=None, repr=False)
+
+    @property
+    def model(self):
+        """The trained model, deployable (adapters merged where they can be), in eval mode."""
+        return self.trained.model
+
+    @property
+    def trained(self) -> Trained:
+        if self._trained is None:
+            self._trained = load(self.dir)
+        return self._trained
+
+
+def fit(config: DictConfig | Sequence[str] = (), output_dir: str | Path | None = None) -> Run:
+    """Train one run in-process; ``config`` is a composed config or a list of overrides. Without an output
+    directory (argument or ``paths.output_dir``) the run goes to ``outputs/<date>/<time>`` like the CLI's."""
+    from visionft.train import train
+
+    cfg = config if isinstance(config, DictConfig) else compose(config)
+    out = output_dir or cfg.paths.get("output_dir") or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    metrics = train(cfg)
+    return Run(metrics, Path(out))
+
+
+@dataclass
+class Trained:
+    """A trained run loaded for inference (weights-only): its deployable model, metadata and preprocessing."""
+
+    model: object
+    meta: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    def predict(self, images: Sequence, topk: int = 5, batch_size: int = 64) -> list[dict]:
+        """Top-k rows (``label_1``, ``prob_1``, ...) for image files or RGB uint8 HWC arrays, preprocessed exactly
+        as the run evaluated."""
+        from visionft.predict import predict_images, preprocessing_of
+
+        rows, failed = predict_images(self.model, preprocessing_of(self.meta),
+                                      ((i if not isinstance(im, (str, Path)) else im, im) for i, im in enumerate(images)),
+                                      topk, batch_size)
+        if failed:
+            raise ValueError(f"cannot read {len(failed)} image(s): {failed[:3]}")
+        return rows
+
+
+def load(path: str | Path) -> Trained:
+    """A run directory (its best checkpoint, else last) or a visionft ``.ckpt`` file, for inference."""
+    from visionft.export import load_trained
+
+    path = Path(path)
+    if path.is_dir():
+        found = [path / "checkpoints" / n for n in ("best.ckpt", "last.ckpt") if (path / "checkpoints" / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} has no checkpoints/best.ckpt or last.ckpt: pass a run directory or a .ckpt")
+        path = found[0]
+    model, meta, _ = load_trained(path)
+    return Trained(model, meta)
