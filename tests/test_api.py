@@ -42,3 +42,16 @@ def test_fit_takes_overrides_and_the_config_dir_of_a_user(tmp_path):
 def test_load_without_checkpoints_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints/best.ckpt"):
         visionft.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    """The README's Python API block, as written (real EfficientNet-Lite0 weights, digits, 2 epochs)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["run"].metrics["test"]["test/acc"] > 0.5 and (tmp_path / "outputs" / "api-demo").is_dir()

@@ -26,6 +26,15 @@ CASES = {
     "quickstart": {"quickstart": []},
     "strategies": {s: [f"strategy={s}"] for s in (
         "scratch", "linear_probe", "partial", "full", "gradual_unfreeze", "layerwise_lr", "ulmfit", "lora", "dora")},
+    # the parameter-efficient family; VPT needs a ViT, and no pretrained ViT weights can be had offline here, so its
+    # rows use a random-init ViT-S (a mechanics check beside a linear probe on the same frozen backbone)
+    "family": {
+        "bitfit": ["strategy=bitfit"],
+        "bitfit_norm": ["strategy=bitfit", "strategy.norm=true"],
+        "vit_random_linear_probe": ["backbone=vit_small", "backbone.pretrained=false", "strategy=linear_probe"],
+        "vit_random_vpt": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt"],
+        "vit_random_vpt_deep": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt", "strategy.deep=true"],
+    },
     # real CIFAR-10 JPEGs: pass data.root=<.../cifar10> (e.g. $(../shared/tools/unpack-cifar10))
     "cifar10": {
         "full": ["experiment=cifar10_subset", "strategy=full"],
