@@ -219,3 +219,18 @@ def test_a_phase_restarts_warmup_and_schedule_on_the_same_clock(tiny_cfg):
             assert got == pytest.approx(expected, abs=1e-12), (step, depth)
     heads = [next(g[1] for g in rec.lrs[s] if g[0] == n - 1) for s in sorted(rec.lrs)]
     assert heads[0] == heads[3] == heads[6] < heads[2]  # warmed up again at each phase start
+
+
+def test_no_core_module_knows_a_wrapper_by_name():
+    """The adapter contract keeps peft (and any wrapper's naming) inside its strategy file."""
+    from pathlib import Path
+
+    import visionft
+
+    core = ["module.py", "optim.py", "gates.py", "export.py", "train.py", "build.py", "backbones.py", "predict.py",
+            "adapted.py", "api.py"]
+    root = Path(visionft.__file__).parent
+    for name in core:
+        src = (root / name).read_text()
+        for word in ("peft", "lora", "merge_and_unload", "modules_to_save", "original_module", "base_model"):
+            assert word not in src.lower(), (name, word)

@@ -1,5 +1,5 @@
-"""The adapter contract: what a strategy's ``prepare()`` returns, so that no core module knows any wrapper (peft,
-prompt tokens, adapters) by name.
+"""The adapter contract: what a strategy's ``prepare()`` returns, so that no core module knows any wrapper (low-rank
+adapters, prompt tokens, bottleneck adapters) by name.
 
 ``Adapted`` holds the module to train and answers, for every parameter and BatchNorm of it:
 

@@ -2,7 +2,7 @@
 a trained run for inference. ``python -m visionft`` is a thin layer over the same ``train(cfg)``.
 
     import visionft
-    run = visionft.fit(["strategy=lora", "trainer.max_epochs=2"])       # or fit(visionft.compose([...]))
+    run = visionft.fit(["strategy=bitfit", "trainer.max_epochs=2"])     # or fit(visionft.compose([...]))
     run.metrics["test"]["test/acc"], run.dir
     trained = visionft.load(run.dir)                                     # or a .ckpt path
     trained.predict(["photo.jpg", array_hwc_uint8], topk=3)

@@ -1,5 +1,5 @@
 """Export a trained checkpoint for deployment: TorchScript, ONNX or a torch.export ExportedProgram of the strategy's
-deployable model (adapters merged where they can be, so a LoRA artifact needs neither peft nor visionft; prompt
+deployable model (adapters merged where they can be, so the artifact needs no adapter library nor visionft; prompt
 tokens stay inside), plus ``config.json`` (timm's format: the preprocessing evaluation used, label names) and, for a
 plain timm model, ``model.safetensors`` loadable with ``timm.create_model('local-dir:DIR', pretrained=True)``. Every
 export checks itself against the eager model before it reports success."""
