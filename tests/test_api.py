@@ -55,3 +55,14 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["run"].metrics["test"]["test/acc"] > 0.5 and (tmp_path / "outputs" / "api-demo").is_dir()
+
+
+def test_fit_leaves_the_callers_config_alone_and_arrays_must_be_uint8(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    cfg = visionft.compose([*TINY, "trainer.max_epochs=1", "data.num_classes=2"])
+    first, second = visionft.fit(cfg), visionft.fit(cfg)
+    assert cfg.paths.output_dir is None and first.dir != second.dir and (first.dir / "metrics.json").is_file()
+    with pytest.raises(ValueError, match="RGB uint8"):
+        first.trained.predict([np.zeros((8, 8, 3), np.float32)])

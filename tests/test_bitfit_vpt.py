@@ -66,6 +66,9 @@ def test_prompts_sit_after_the_class_and_register_tokens(name, prefix, deep):
 def test_vpt_on_a_convnet_is_a_clear_error(tiny_cfg):
     with pytest.raises(ValueError, match="strategy=vpt needs a ViT-family backbone.*not ResNet"):
         build(tiny_cfg("strategy=vpt"))
+    b = create_backbone("vit_small_patch16_rope_224", 3, pretrained=False, image_size=32)  # Eva: positions differ
+    with pytest.raises(ValueError, match="not Eva"):
+        Vpt().prepare(b.model, b)
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx", "exported_program"])
@@ -87,3 +90,8 @@ def test_vpt_exports_with_the_prompts_inside(fmt, tiny_cfg, tmp_path):
     assert torch.allclose(load_runner(artifact)(x), ref, atol=1e-4)
     assert (ref - without).abs().max() > 1e-3
     assert Path(artifact.parent / "config.json").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "prompts.safetensors"))  # the task's small artifact: prompts + head only
+    assert sorted(saved) == sorted([f"prompts.{i}" for i in range(6)] + ["vit.head.weight", "vit.head.bias"])
+    assert torch.equal(saved["prompts.3"], model.prompts[3].detach())

@@ -102,8 +102,8 @@ def _bns(module):
 
 
 def _run(tiny_cfg, overrides):
-    cfg = tiny_cfg(*overrides, f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES}",
-                   "trainer.limit_val_batches=1", "scheduler.warmup_epochs=1")
+    cfg = tiny_cfg(f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES}",
+                   "trainer.limit_val_batches=1", "scheduler.warmup_epochs=1", *overrides)
     dm, backbone, module = build(cfg)
     trainer, _, _ = build_trainer(cfg, __import__("pathlib").Path(cfg.paths.output_dir))
     rec = Recorder()
@@ -207,7 +207,8 @@ def test_bad_strategy_options_are_clear_errors(tiny_cfg):
 def test_a_phase_restarts_warmup_and_schedule_on_the_same_clock(tiny_cfg):
     """gradual_unfreeze with rewarm=true: each unfreeze (epochs 0, 1, 2) starts a phase of 3 steps; every group's LR
     is lr x warmup_cosine(step within the phase, phase length) x open(epoch), read from the optimizer."""
-    cfg, backbone, module, rec = _run(tiny_cfg, ["strategy=gradual_unfreeze", "strategy.rewarm=true"])
+    cfg, backbone, module, rec = _run(tiny_cfg, ["strategy=gradual_unfreeze", "strategy.rewarm=true",
+                                                 "scheduler.warmup_epochs=0.34"])  # 1 warmup step, 2 of cosine
     n = len(RESNET)
     lr, floor = cfg.strategy.lr, cfg.scheduler.min_lr_ratio
     warmup = round(cfg.scheduler.warmup_epochs * BATCHES)
@@ -218,7 +219,16 @@ def test_a_phase_restarts_warmup_and_schedule_on_the_same_clock(tiny_cfg):
             expected = lr * warmup_cosine(local, BATCHES, warmup, floor) * opened
             assert got == pytest.approx(expected, abs=1e-12), (step, depth)
     heads = [next(g[1] for g in rec.lrs[s] if g[0] == n - 1) for s in sorted(rec.lrs)]
-    assert heads[0] == heads[3] == heads[6] < heads[2]  # warmed up again at each phase start
+    assert heads[0] == heads[3] == heads[6] > heads[2]  # each phase restarts at the top of its schedule
+
+
+def test_clock_phases_end_where_the_run_ends():
+    """Phases at epochs 0, 1, 2 of 3 steps; max_steps=7 cuts the last phase to one step, and later starts vanish."""
+    from visionft.optim import Clock
+
+    clock = Clock(steps_per_epoch=3, total_steps=7, phase_starts=(0, 1, 2, 5))
+    assert [clock.phase(t) for t in range(7)] == [(0, 3), (1, 3), (2, 3), (0, 3), (1, 3), (2, 3), (0, 1)]
+    assert [clock.epoch(t) for t in (0, 2, 3, 6)] == [0, 0, 1, 2]
 
 
 def test_no_core_module_knows_a_wrapper_by_name():

@@ -174,3 +174,22 @@ def test_step_scheduler_decays_at_its_milestones(tiny_cfg):
 
     shape = Step(milestones=[0.5, 0.75], gamma=0.1)
     assert [shape(t, 8, 2) for t in (0, 3, 4, 5, 6, 7)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_a_failure_after_fit_keeps_metrics_json(tiny_cfg, tmp_path, monkeypatch):
+    import visionft.train as t
+
+    def broken(*a, **k):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(t, "evaluate", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train(tiny_cfg(output_dir=out))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["epochs"] == 1 and saved["trainable_params"] > 0 and saved["best_checkpoint"].endswith("best.ckpt")
+
+
+def test_optimizer_lr_is_refused_in_favour_of_strategy_lr(tiny_cfg):
+    with pytest.raises(ValueError, match="strategy.lr"):
+        train(tiny_cfg("+optimizer.lr=0.1"))

@@ -5,10 +5,6 @@ from omegaconf import OmegaConf
 # where Hydra writes its .hydra/ folder and log (Hydra's run dir), while a run without it keeps Hydra's default.
 OmegaConf.register_new_resolver("first", lambda *xs: next((x for x in xs if x not in (None, "")), None),
                                 replace=True)
-# `${monitor_mode:metric,mode}`: the mode a checkpoint/early-stopping callback follows: as given, else min for a loss.
-OmegaConf.register_new_resolver(
-    "monitor_mode", lambda monitor, mode=None: mode or ("min" if "loss" in str(monitor) else "max"), replace=True)
-
 
 def __getattr__(name: str):  # the Python API, imported on first use (`import visionft.conf` stays light)
     if name in ("compose", "fit", "load", "Run", "Trained"):

@@ -51,8 +51,9 @@ class Adapted:
 
     def bn_depths(self) -> dict[str, int]:
         """Depth group of every BatchNorm module of the trained model."""
-        return {n: self.backbone.bn_groups[self.plain_name(n)] for n, m in self.model.named_modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        groups = self.backbone.bn_groups
+        return {n: groups[self.plain_name(n)] if self.plain_name(n) in groups else self.depth_of(f"{n}.weight")
+                for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
     # -- what trains, what ships ------------------------------------------------------------------------------
     def trainable(self, name: str) -> bool:

@@ -9,6 +9,7 @@ a trained run for inference. ``python -m visionft`` is a thin layer over the sam
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,12 +55,13 @@ def fit(config: DictConfig | Sequence[str] = (), output_dir: str | Path | None =
     directory (argument or ``paths.output_dir``) the run goes to ``outputs/<date>/<time>`` like the CLI's."""
     from visionft.train import train
 
-    cfg = config if isinstance(config, DictConfig) else compose(config)
-    out = output_dir or cfg.paths.get("output_dir") or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+    cfg = copy.deepcopy(config) if isinstance(config, DictConfig) else compose(config)  # the caller's stays as given
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S") + f"-{time.time_ns() // 1000 % 1_000_000:06d}"
+    out = output_dir or cfg.paths.get("output_dir") or Path("outputs") / stamp
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     metrics = train(cfg)
-    return Run(metrics, Path(out))
+    return Run(metrics, Path(metrics["output_dir"]))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from visionft.callbacks import NanGuard, TrainThroughput
 from visionft.loggers import ResumableCSVLogger
@@ -84,6 +84,9 @@ def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoin
         kwargs["precision"] = auto_precision()
     kwargs = {"enable_model_summary": False, **{k: v for k, v in kwargs.items() if v is not None}}
     speed = TrainThroughput()
+    if "monitor" in cfg.callbacks:  # callbacks.mode null: min for a loss, max otherwise
+        with open_dict(cfg):
+            cfg.callbacks.mode = cfg.callbacks.get("mode") or ("min" if "loss" in str(cfg.callbacks.monitor) else "max")
     loggers = instantiate_entries(cfg.get("logger"), "logger")
     callbacks = [c for c in instantiate_entries(cfg.callbacks, "callbacks")  # progress bar, LR monitor: if wanted
                  if (kwargs.get("enable_progress_bar", True) or not isinstance(c, ProgressBar))

@@ -106,7 +106,7 @@ class GroupGates(L.Callback):
         self._logged: tuple | None = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        epoch, gates = trainer.current_epoch, module.gates
+        epoch, gates = module.epoch_now(), module.gates
         key = (id(trainer), epoch)
         if key != self._applied:
             gates.apply(module.model, epoch, isinstance(trainer.strategy, SingleDeviceStrategy))
@@ -121,4 +121,4 @@ class GroupGates(L.Callback):
             gates.apply_bn(module.model, epoch)
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        module.gates.drop_closed_grads(optimizer, trainer.current_epoch)
+        module.gates.drop_closed_grads(optimizer, module.epoch_now())

@@ -177,9 +177,14 @@ class TransferModule(L.LightningModule):
             raise ValueError(f"strategy {s.name} leaves no parameter to train")
         opt = make_optimizer(self.optimizer_factory, groups, s.lr, next(self.model.parameters()).is_cuda)
         total, steps_per_epoch = training_horizon(self.trainer)
-        clock = Clock(steps_per_epoch, total, tuple(s.phase_starts(gates.n_groups)))
+        self.clock = clock = Clock(steps_per_epoch, total, tuple(s.phase_starts(gates.n_groups)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, gates.is_open, clock, self.schedule))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def epoch_now(self) -> int:
+        """The epoch on the schedule's clock (optimizer steps so far), which the open set and the LR both read."""
+        clock = getattr(self, "clock", None)
+        return clock.epoch(self.trainer.global_step) if clock is not None else self.trainer.current_epoch
 
     def configure_callbacks(self):
         """The gates travel with the module, so any Trainer enforces them (once, across fit/validate/test)."""
@@ -187,7 +192,7 @@ class TransferModule(L.LightningModule):
 
     def param_group_rows(self) -> list[dict]:
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
-        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        epoch = self.epoch_now() if self._trainer is not None else 0
         return self.gates.rows(self.model, opt, self.group_names, epoch)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -104,6 +104,8 @@ def weight_decay_of(factory) -> float:
 
 def make_optimizer(factory, groups: list[dict], lr: float, on_cuda: bool):
     """``factory(groups, lr=lr)``; on CUDA, the fused kernel where the optimizer has one and none was chosen."""
+    if "lr" in getattr(factory, "keywords", {}):
+        raise ValueError("optimizer.lr is not used: the base LR is the strategy's, set strategy.lr=...")
     func = getattr(factory, "func", factory)
     fused = on_cuda and "fused" in inspect.signature(func).parameters and "fused" not in getattr(factory, "keywords", {})
     return factory(groups, lr=lr, **({"fused": True} if fused else {}))

@@ -62,6 +62,14 @@ def preprocessing_of(meta: dict) -> dict:
             "mean": meta["mean"], "std": meta["std"], "labels": list(meta["classes"])}
 
 
+def _rgb_uint8(image) -> np.ndarray:
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"an image array must be RGB uint8 of shape (H, W, 3), got {array.dtype} {array.shape}: "
+                         f"scale floats in [0, 1] by 255 and cast to uint8, or pass the file path")
+    return array
+
+
 def predict_images(run, cfg: dict, items, topk: int = 5, batch_size: int = 64):
     """Top-k rows for ``items``: (key, image) pairs where the image is a file path (read like training images) or
     an RGB uint8 HWC array. Unreadable files are returned in ``failed`` (and logged), not fatal."""
@@ -84,7 +92,7 @@ def predict_images(run, cfg: dict, items, topk: int = 5, batch_size: int = 64):
 
     for key, image in items:
         try:
-            array = read_rgb(str(image)) if isinstance(image, (str, Path)) else np.asarray(image, dtype=np.uint8)
+            array = read_rgb(str(image)) if isinstance(image, (str, Path)) else _rgb_uint8(image)
             batch.append((key, to_chw_uint8(transform(image=array)["image"])))
         except (RuntimeError, OSError) as e:
             failed.append((str(key), str(e)))

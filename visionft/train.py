@@ -92,23 +92,27 @@ def train(cfg: DictConfig) -> dict:
              dm.sizes())
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, out))
     final = (ckpt.best_model_path if ckpt is not None else "") or str(out / "checkpoints" / "last.ckpt")
-    load_final(trainer, module, final)
-    module.strategy.post_fit(module.adapted, trainer, dm)
-    val, test = evaluate(trainer, module, dm)
     metrics = {
         "artifacts": [],
-        "val": {k: float(v) for k, v in val.items()},
-        "test": {k: float(v) for k, v in test.items()},
+        "val": {}, "test": {},
         **module.param_counts(),
         "epochs": trainer.current_epoch,
         "wall_time_s": round(time.perf_counter() - start, 2),
         "train_images_per_s": round(speed.images_per_second, 1),
         "best_checkpoint": (ckpt.best_model_path if ckpt is not None else None) or None,
+        "output_dir": str(out),
         "backbone": backbone.name,
         "weights": backbone.weights,
         "strategy": module.strategy.name,
         "data": dm.sizes(),
     }
+    if trainer.is_global_zero:  # the fit is on record before any later phase can fail
+        write_outputs(metrics, cfg, out)
+    load_final(trainer, module, final)
+    module.strategy.post_fit(module.adapted, trainer, dm)
+    val, test = evaluate(trainer, module, dm)
+    metrics.update(val={k: float(v) for k, v in val.items()}, test={k: float(v) for k, v in test.items()},
+                   wall_time_s=round(time.perf_counter() - start, 2))
     if not trainer.is_global_zero:
         return metrics
     write_outputs(metrics, cfg, out)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from timm.layers import RmsNorm
 from torch import nn
 
 from visionft.adapted import Adapted
 from visionft.strategies.base import Strategy
 
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, RmsNorm)
 
 
 @dataclass
@@ -22,5 +23,5 @@ class BitFit(Strategy):
         head = {n for n, _ in model.named_parameters() if n == backbone.classifier or
                 n.startswith(backbone.classifier + ".")}
         for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith(".bias") or name in norms or name in head)
+            p.requires_grad_(name.endswith("bias") or name in norms or name in head)  # incl. q_bias/v_bias (BEiT, EVA)
         return Adapted(model, backbone)

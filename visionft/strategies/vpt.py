@@ -47,6 +47,10 @@ class PromptAdapted(Adapted):
     def plain_name(self, name: str) -> str | None:
         return name[4:] if name.startswith("vit.") else None
 
+    def artifact_state(self) -> dict:
+        """The prompts and the head: all a task adds to the shared frozen backbone."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if self.trainable(n)}
+
     def depth_of(self, name: str) -> int:
         if name.startswith("prompts."):
             return self._module_owner[f"blocks.{int(name.split('.')[1])}"]
@@ -65,10 +69,20 @@ class Vpt(Strategy):
             raise ValueError(f"strategy.tokens={self.tokens} must be >= 1")
 
     def prepare(self, model: nn.Module, backbone) -> PromptAdapted:
-        if not all(hasattr(model, a) for a in ("blocks", "patch_embed", "_pos_embed", "num_prefix_tokens")):
+        from timm.models.vision_transformer import VisionTransformer
+
+        if not isinstance(model, VisionTransformer):  # (Eva/RoPE ViTs embed positions differently)
             raise ValueError(f"strategy=vpt needs a ViT-family backbone (timm VisionTransformer: ViT, DINOv2, CLIP), "
                              f"not {type(model).__name__}: pick e.g. backbone=vit_small, or strategy=lora for convnets")
         head = backbone.classifier
         for name, p in model.named_parameters():
             p.requires_grad_(name == head or name.startswith(head + "."))
         return PromptAdapted(PromptedViT(model, self.tokens, self.deep), backbone)
+
+    def save_artifacts(self, adapted: PromptAdapted, out) -> list:
+        """``prompts.safetensors``: the prompts and the head (load onto a fresh backbone wrapped by ``prepare``)."""
+        from safetensors.torch import save_file
+
+        path = out / "prompts.safetensors"
+        save_file({k: v.contiguous().cpu() for k, v in adapted.artifact_state().items()}, str(path))
+        return [path]
