@@ -144,15 +144,32 @@ def test_every_param_group_lr_reaches_the_loggers(tiny_cfg, tmp_path):
     assert len(lr_cols) == 12  # test_resnet: 6 depth groups x (decay, no decay), each with its own LR
 
 
-def test_logger_none_and_a_missing_extra(tiny_cfg, tmp_path):
+def test_logger_none_and_a_missing_extra(tiny_cfg, tmp_path, monkeypatch):
     out = tmp_path / "nolog"
     metrics = train(tiny_cfg("logger=none", output_dir=out))
     assert "test/acc" in metrics["test"] and not (out / "csv").exists() and not (out / "tb").exists()
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match=r'logger=mlflow needs its library: pip install "visionft\[mlflow\]"'):
-            train(tiny_cfg("logger=[csv,mlflow]", output_dir=tmp_path / "ml"))
+    import lightning.pytorch.loggers.mlflow as lightning_mlflow
+
+    monkeypatch.setattr(lightning_mlflow, "_MLFLOW_AVAILABLE", False)  # as on an install without the extra
+    with pytest.raises(ValueError, match=r'logger=mlflow needs its library: pip install "visionft\[mlflow\]"'):
+        train(tiny_cfg("logger=[csv,mlflow]", output_dir=tmp_path / "ml"))
+
+
+def test_mlflow_and_wandb_loggers_record_the_run(tiny_cfg, tmp_path):
+    """The optional loggers for real: MLflow's local sqlite store holds every param group's LR and the validation
+    accuracy; W&B writes an offline run."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "ml"
+    train(tiny_cfg("logger=[mlflow,wandb]", "trainer.max_epochs=2", output_dir=out))
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("visionft").experiment_id])[0]
+    assert {"val/acc", "lr-AdamW/head", "lr-AdamW/stem/no_decay"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 3  # 2 epochs + the final model
+    assert run.info.artifact_uri.startswith(str(out))
+    assert list((out / "wandb").glob("offline-run-*"))
 
 
 @pytest.mark.parametrize("optimizer,cls", [("sgd", "SGD"), ("lion", "Lion"), ("adamw", "AdamW")])
