@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from visionft.backbones import create_backbone
-from visionft.strategies import BitFit, Vpt
+from visionft.strategies import Vpt
 from visionft.train import build, train
 
 

@@ -2,7 +2,6 @@
 strength chosen on the same validation split; the L-BFGS head must match LogisticRegression's test accuracy."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from visionft.train import build, build_trainer, train
+from visionft.train import build, build_trainer
 
 GRADUAL = ["backbone.name=test_resnet", "+backbone.kwargs.zero_init_last=false", "strategy=gradual_unfreeze",
            "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "+trainer.val_check_interval=0.5"]

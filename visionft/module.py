@@ -12,7 +12,6 @@ from functools import partial
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
