@@ -45,21 +45,26 @@ class Gates:
             p.requires_grad_(opens and trainable(name))
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
-    def apply(self, model: nn.Module, epoch: int, toggle_requires_grad: bool) -> None:
+    def apply(self, model: nn.Module, epoch: int, toggle_requires_grad: bool) -> list[tuple[nn.Module, bool]]:
         if toggle_requires_grad:
             for name, p in model.named_parameters():
                 if name in self.trainable:
                     p.requires_grad_(self.is_open(self.depths[name], epoch))
-        self.apply_bn(model, epoch)
+        return self.apply_bn(model, epoch)
 
     def bn_trains(self, depth: int, epoch: int) -> bool:
         return self.strategy.bn_trains(depth, self.n_groups, epoch)
 
-    def apply_bn(self, model: nn.Module, epoch: int) -> None:
-        """BatchNorm modes for training at ``epoch`` (call with the model in train mode)."""
-        for name, m in model.named_modules():
-            if _is_bn(m):
-                m.train(self.bn_trains(self.bn_depths[name], epoch))
+    def bn_modes(self, model: nn.Module, epoch: int) -> list[tuple[nn.Module, bool]]:
+        """Every BatchNorm module of ``model`` now (looked up by name) and whether it trains at ``epoch``."""
+        return [(m, self.bn_trains(self.bn_depths[name], epoch)) for name, m in model.named_modules() if _is_bn(m)]
+
+    def apply_bn(self, model: nn.Module, epoch: int) -> list[tuple[nn.Module, bool]]:
+        """Set BatchNorm modes for training at ``epoch``; returns them, for cheap re-application per batch."""
+        modes = self.bn_modes(model, epoch)
+        for m, trains in modes:
+            m.train(trains)
+        return modes
 
     def drop_closed_grads(self, optimizer, epoch: int) -> None:
         for g in optimizer.param_groups:
@@ -104,12 +109,13 @@ class GroupGates(L.Callback):
     def __init__(self) -> None:
         self._applied: tuple | None = None
         self._logged: tuple | None = None
+        self._bn_modes: list = []  # (module, trains) as applied: re-asserted per batch without walking the model
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         epoch, gates = module.epoch_now(), module.gates
         key = (id(trainer), epoch)
         if key != self._applied:
-            gates.apply(module.model, epoch, isinstance(trainer.strategy, SingleDeviceStrategy))
+            self._bn_modes = gates.apply(module.model, epoch, isinstance(trainer.strategy, SingleDeviceStrategy))
             gates.last_epoch = max(gates.last_epoch, epoch)
             self._applied = key
             state = gates.open_set(epoch)
@@ -118,7 +124,8 @@ class GroupGates(L.Callback):
                 rank_zero_info(f"param groups at epoch {epoch} ({gates.strategy.name}):\n"
                                + group_table(module.param_group_rows()))
         else:  # cheap: modes only (validation and .train() calls in between must not leave BatchNorm training)
-            gates.apply_bn(module.model, epoch)
+            for m, trains in self._bn_modes:
+                m.training = trains
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         module.gates.drop_closed_grads(optimizer, module.epoch_now())
