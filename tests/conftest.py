@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network
+os.environ["VISIONFT_CACHE_DIR"] = tempfile.mkdtemp(prefix="visionft-test-cache-")  # no test reuses a user's cache
 
 import pytest
 from hydra import compose, initialize_config_module

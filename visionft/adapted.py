@@ -9,7 +9,10 @@ adapters, prompt tokens, bottleneck adapters) by name.
 - ``trainable(name)``: whether the strategy ever trains it (the gates only narrow this);
 - ``duplicate(name)``: a frozen copy the wrapper keeps of another parameter (not counted twice);
 - ``to_deployable()``: a plain ``nn.Module`` for export (merged where possible; otherwise the wrapped module);
-- ``artifact_state()``: the tensors of a strategy's small artifact file (``None``: no artifact).
+- ``artifact_state()``: the tensors of a strategy's small artifact file (``None``: no artifact);
+- ``wise_anchor(start, end)``: the state WiSE-FT interpolates from (``visionft.wise``): by default the state at the
+  start of fit; a wrapper replaces entries whose starting value does not change the function (a LoRA A matrix
+  while B is zero), so that interpolating scales what it added.
 
 The base class is the identity wrapper: a plain timm model, trained where ``requires_grad`` is set after
 ``prepare`` (so freezing strategies such as BitFit need no subclass).
@@ -67,3 +70,6 @@ class Adapted:
 
     def artifact_state(self) -> dict | None:
         return None
+
+    def wise_anchor(self, start: dict, end: dict) -> dict:
+        return start

@@ -89,14 +89,14 @@ class Trained:
 
 
 def load(path: str | Path) -> Trained:
-    """A run directory (its best checkpoint, else last) or a visionft ``.ckpt`` file, for inference."""
+    """A run directory (its final model: final.ckpt when a probe or WiSE-FT made it, else best, else last) or a visionft ``.ckpt`` file, for inference."""
     from visionft.export import load_trained
 
     path = Path(path)
     if path.is_dir():
-        found = [path / "checkpoints" / n for n in ("best.ckpt", "last.ckpt") if (path / "checkpoints" / n).is_file()]
+        found = [path / "checkpoints" / n for n in ("final.ckpt", "best.ckpt", "last.ckpt") if (path / "checkpoints" / n).is_file()]
         if not found:
-            raise FileNotFoundError(f"{path} has no checkpoints/best.ckpt or last.ckpt: pass a run directory or a .ckpt")
+            raise FileNotFoundError(f"{path} has no checkpoints/final.ckpt, best.ckpt or last.ckpt: pass a run directory or a .ckpt")
         path = found[0]
     model, meta, _ = load_trained(path)
     return Trained(model, meta)

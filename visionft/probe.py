@@ -1,41 +1,63 @@
-"""Probe engine (groundwork for the cached linear probe): embed a dataset once with a frozen backbone, then fit a
-multinomial logistic-regression head on the features with full-batch L-BFGS, the L2 strength chosen on validation
-over a log grid and warm-started along the path (the CLIP paper's linear-probe protocol)."""
+"""The linear probe done properly: embed each split once with the frozen backbone (cached, ``visionft.features``), fit
+a multinomial logistic-regression head on the features with full-batch L-BFGS, the L2 strength chosen on validation
+over a log grid and warm-started along the path (the CLIP paper's linear-probe protocol), and a weighted kNN on the
+same features (DINOv2's protocol). ``run_probe`` writes the head into the model's classifier, so what follows (a
+fine-tuning phase for LP-FT, or nothing for a linear probe) starts from it and the checkpoint is a normal one."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionft.features import Features, FeatureCache, embed, split_hash, weights_hash
 
-@torch.no_grad()
-def embed(model: nn.Module, loader, normalize, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-logit features (timm ``forward_features`` + ``forward_head(pre_logits=True)``) and labels of ``loader``'s
-    batches of uint8 images; ``normalize`` maps a uint8 batch to the model's input."""
-    model.eval().to(device)
-    feats, labels = [], []
-    for x, y in loader:
-        x = normalize(x.to(device))
-        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+log = logging.getLogger(__name__)
+DEFAULT_GRID = tuple(10.0 ** e for e in range(-6, 1))  # L2 strengths on standardized features
+
+
+@dataclass
+class ProbeSpec:
+    """How a strategy's head is fitted on frozen features (``strategy.cache``, ``strategy.cache_views``, ...)."""
+
+    cache: bool = True  # store features under paths.cache_dir and reuse them across runs and sweeps
+    cache_views: int = 0  # 0: train split with the eval transform; K > 0: K augmented views of every train image
+    l2_grid: tuple[float, ...] = DEFAULT_GRID
+    max_iter: int = 500  # L-BFGS iterations per grid point
+    splits: tuple[str, ...] = ("train", "val", "test")
 
 
 @dataclass
 class ProbeFit:
     weight: torch.Tensor  # (classes, features)
     bias: torch.Tensor
-    l2: float  # the chosen strength: loss = mean cross-entropy + l2 / 2 * ||W||^2
+    l2: float  # the chosen strength: loss = mean cross-entropy + l2 / 2 * ||W||^2 (standardized features)
     val_acc: float
     path: list[tuple[float, float]]  # (l2, val accuracy) over the grid
 
 
-def _fit_one(x, y, num_classes, l2, init, max_iter) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class ProbeRun:
+    fit: ProbeFit
+    features: dict[str, Features] = field(default_factory=dict)
+    embed_s: float = 0.0
+    solve_s: float = 0.0
+
+    def summary(self) -> dict:
+        return {"l2": self.fit.l2, "val_acc_path": [[l2, round(a, 4)] for l2, a in self.fit.path],
+                "embed_s": round(self.embed_s, 2), "solve_s": round(self.solve_s, 2),
+                "cache_hits": sorted(s for s, f in self.features.items() if f.hit),
+                "embedded": sorted(s for s, f in self.features.items() if not f.hit)}
+
+
+# -- the solver ------------------------------------------------------------------------------------------------
+def _fit_one(x, y, l2, init, max_iter) -> tuple[torch.Tensor, torch.Tensor]:
     w = init[0].clone().requires_grad_(True)
     b = init[1].clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
@@ -49,20 +71,126 @@ def _fit_one(x, y, num_classes, l2, init, max_iter) -> tuple[torch.Tensor, torch
 
 
 def solve(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
-          grid: list[float] | None = None, max_iter: int = 500) -> ProbeFit:
+          grid=DEFAULT_GRID, max_iter: int = 500) -> ProbeFit:
     """Fit the head for every L2 strength in ``grid`` (strong to weak, each warm-started from the previous), keep
-    the one with the best validation accuracy (ties: the stronger L2)."""
-    grid = sorted(grid or [10.0 ** e for e in range(-6, 1)], reverse=True)
+    the one with the best validation accuracy (ties: the stronger L2). Runs on the features' device."""
+    grid = sorted(grid, reverse=True)
     (x, y), (vx, vy) = train, val
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # standardize on train; folded back into W and b at the end
     xs, vxs = (x - mean) / std, (vx - mean) / std
-    init = (torch.zeros(num_classes, x.shape[1]), torch.zeros(num_classes))
+    init = (x.new_zeros(num_classes, x.shape[1]), x.new_zeros(num_classes))
     best, path = None, []
-    for l2 in grid:
-        init = _fit_one(xs, y, num_classes, l2, init, max_iter)
-        acc = ((vxs @ init[0].T + init[1]).argmax(1) == vy).float().mean().item()
-        path.append((l2, acc))
-        if best is None or acc > best[2]:
-            best = (l2, init, acc)
+    with torch.enable_grad():
+        for l2 in grid:
+            init = _fit_one(xs, y, l2, init, max_iter)
+            acc = ((vxs @ init[0].T + init[1]).argmax(1) == vy).float().mean().item()
+            path.append((l2, acc))
+            if best is None or acc > best[2]:
+                best = (l2, init, acc)
     l2, (w, b), acc = best
-    return ProbeFit(w / std, b - (w / std) @ mean, l2, acc, path)
+    return ProbeFit((w / std).cpu(), (b - (w / std) @ mean).cpu(), l2, acc, path)
+
+
+# -- kNN (DINOv2's weighted vote) ----------------------------------------------------------------------------------
+@torch.no_grad()
+def knn_predict(train: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, num_classes: int, k: int = 20,
+                temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class scores of ``x`` by a cosine-similarity kNN over ``train``: each of the k nearest neighbours votes for
+    its class with weight exp(similarity / temperature)."""
+    bank, labels = F.normalize(train[0].float(), dim=1), train[1]
+    k = min(k, len(bank))
+    out = []
+    for q in F.normalize(x.float(), dim=1).split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes, dtype=sim.dtype)
+        out.append(votes.scatter_add_(1, labels[idx], (sim / temperature).exp()))
+    return torch.cat(out)
+
+
+def knn_accuracies(features: dict[str, Features], num_classes: int, ks=(10, 20, 100, 200),
+                   temperature: float = 0.07) -> dict[str, dict[str, float]]:
+    """kNN accuracy on val and test for each k (train features as the bank; augmented views excluded)."""
+    train = features["train"]
+    out = {}
+    for k in ks:
+        out[f"k={k}"] = {s: round((knn_predict((train.x, train.y), f.x, num_classes, k, temperature).argmax(1)
+                                   == f.y).float().mean().item(), 4)
+                         for s, f in features.items() if s != "train" and len(f.y)}
+    return out
+
+
+# -- orchestration ---------------------------------------------------------------------------------------------
+class _SeededViews(torch.utils.data.Dataset):
+    """The train split under its augmentation, every (view, image) pair with its own seed: reproducible views,
+    whatever the number of loader workers."""
+
+    def __init__(self, dataset, views: int, seed: int) -> None:
+        self.dataset, self.views, self.seed, self.n = dataset, views, seed, len(dataset)
+
+    def __len__(self) -> int:
+        return self.views * self.n
+
+    def __getitem__(self, i: int):
+        self.dataset.transform.set_random_seed(self.seed * 1_000_003 + i)
+        return self.dataset[i % self.n]
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    precision = str(precision)
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
+
+
+def split_features(module, dm, split: str, spec: ProbeSpec, cache: FeatureCache, device, precision: str,
+                   backbone_hash: str) -> Features:
+    """One split's features (the eval transform; ``cache_views`` augmented views for train), from the cache when
+    everything that changes them is unchanged."""
+    model = module.adapted.model
+    views = spec.cache_views if split == "train" else 0
+    dataset = dm.dataset(split, train_aug=views > 0)
+    if views:
+        dataset = _SeededViews(dataset, views, dm.seed)
+    data = dm.splits[split]
+    key = {"backbone": module.meta["timm_name"], "model_kwargs": module.meta["model_kwargs"], "weights": backbone_hash,
+           "split": split, "data": split_hash(data.images, data.labels), "transform": repr(dataset.transform
+           if not views else dataset.dataset.transform), "image_size": dm.image_size, "precision": str(precision),
+           "views": views, "view_seed": dm.seed if views else None}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=dm.eval_batch_size, num_workers=dm.num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    return cache.get(key, lambda: embed(model, loader, module.normalize, device, autocast_dtype(precision),
+                                        progress=f"embed {split}"))
+
+
+def run_probe(module, dm, spec: ProbeSpec, cache_dir, device="cpu", precision: str = "32-true") -> ProbeRun:
+    """Embed the splits ``spec`` names (cached), solve the head on train/val, write it into the classifier."""
+    model, classifier = module.adapted.model, module.adapted.backbone.classifier
+    module.to(device)
+    head = nn.Module.get_submodule(model, classifier)
+    backbone_hash = weights_hash(model, skip=lambda n: n == classifier or n.startswith(classifier + "."))
+    cache = FeatureCache(cache_dir if spec.cache else None)
+    start = time.perf_counter()
+    feats = {s: split_features(module, dm, s, spec, cache, device, precision, backbone_hash)
+             for s in spec.splits if s in dm.splits and len(dm.splits[s])}
+    embed_s = time.perf_counter() - start
+    start = time.perf_counter()
+    fit = solve((feats["train"].x.to(device), feats["train"].y.to(device)),
+                (feats["val"].x.to(device), feats["val"].y.to(device)), dm.num_classes, spec.l2_grid, spec.max_iter)
+    with torch.no_grad():
+        head.weight.copy_(fit.weight.to(head.weight))
+        head.bias.copy_(fit.bias.to(head.bias))
+    run = ProbeRun(fit, feats, embed_s, time.perf_counter() - start)
+    log.info("probe head: L2 %.0e chosen on val (acc %.4f); embedding %.1f s (cached: %s), solve %.1f s",
+             fit.l2, fit.val_acc, embed_s, ", ".join(run.summary()["cache_hits"]) or "none", run.solve_s)
+    return run
+
+
+def feature_metrics(module, feats: Features, stage: str) -> dict[str, float]:
+    """The stage's metrics (loss, acc, macro-F1, top-5) of the model's head on cached features: what evaluating
+    the frozen backbone + head on the images gives (same transform, same precision), without a forward pass."""
+    from visionft.module import make_metrics
+
+    head = nn.Module.get_submodule(module.adapted.model, module.adapted.backbone.classifier)
+    with torch.no_grad():
+        logits = F.linear(feats.x, head.weight.detach().float().cpu(), head.bias.detach().float().cpu())
+        metrics = make_metrics(logits.shape[1], f"{stage}/")(logits, feats.y)
+        out = {f"{stage}/loss": F.cross_entropy(logits, feats.y).item()}
+    return out | {k: float(v) for k, v in metrics.items()}

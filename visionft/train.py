@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
+from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
+from visionft.wise import snapshot, wise_ft
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ def check_options(cfg: DictConfig) -> None:
 
     if cfg.get("export") and cfg.export not in FORMATS:
         raise ValueError(f"export={cfg.export} is not an export format; valid: {', '.join(FORMATS)}")
+    if wise_alphas(cfg) and any(not 0.0 <= float(a) <= 1.0 for a in wise_alphas(cfg)):
+        raise ValueError(f"wise.alphas={list(cfg.wise.alphas)} must lie in [0, 1] (0: start of fit, 1: fine-tuned)")
     mode = cfg.callbacks.get("mode")
     if mode not in (None, "min", "max"):
         raise ValueError(f"callbacks.mode={mode!r} must be min or max (or null: min for a loss, max otherwise)")
@@ -72,8 +76,9 @@ def evaluate(trainer: L.Trainer, module: TransferModule, dm) -> tuple[dict, dict
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``) on val and test, write
-    ``metrics.json`` and ``config.yaml`` into the output directory, then artifacts and the export."""
+    """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``, or the probe, or the WiSE-FT
+    choice) on val and test, write ``metrics.json`` and ``config.yaml`` into the output directory, then artifacts
+    and the export."""
     start = time.perf_counter()
     quiet_third_party(resuming=bool(cfg.resume or cfg.ckpt_path))
     out = output_dir(cfg)
@@ -90,8 +95,17 @@ def train(cfg: DictConfig) -> dict:
     trainer, ckpt, speed = build_trainer(cfg, out)
     log.info("backbone %s (weights: %s), data %s: %s", backbone.name, backbone.weights, type(dm).__name__,
              dm.sizes())
-    trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, out))
-    final = (ckpt.best_model_path if ckpt is not None else "") or str(out / "checkpoints" / "last.ckpt")
+    if wise_alphas(cfg) and not module.strategy.gradient_fit:
+        raise ValueError(f"wise.alphas interpolates between the start and the end of fine-tuning, and strategy "
+                         f"{module.strategy.name} runs no gradient step: drop wise.alphas (or use strategy=lp_ft)")
+    probe = probe_head(cfg, trainer, module, dm)
+    wise_start = snapshot(module.model) if wise_alphas(cfg) else None
+    fitted = module.strategy.gradient_fit
+    if fitted:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, out))
+        final = (ckpt.best_model_path if ckpt is not None else "") or str(out / "checkpoints" / "last.ckpt")
+    else:
+        final = save_weights(module, out / "checkpoints" / "final.ckpt") if trainer.is_global_zero else ""
     metrics = {
         "artifacts": [],
         "val": {}, "test": {},
@@ -100,19 +114,31 @@ def train(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.perf_counter() - start, 2),
         "train_images_per_s": round(speed.images_per_second, 1),
         "best_checkpoint": (ckpt.best_model_path if ckpt is not None else None) or None,
+        "final_checkpoint": final or None,
         "output_dir": str(out),
         "backbone": backbone.name,
         "weights": backbone.weights,
         "strategy": module.strategy.name,
         "data": dm.sizes(),
+        **({"probe": probe.summary()} if probe is not None else {}),
     }
     if trainer.is_global_zero:  # the fit is on record before any later phase can fail
         write_outputs(metrics, cfg, out)
-    load_final(trainer, module, final)
+    if fitted:
+        load_final(trainer, module, final)
     module.strategy.post_fit(module.adapted, trainer, dm)
-    val, test = evaluate(trainer, module, dm)
+    if wise_start is not None:
+        metrics["wise"] = wise_ft(module, trainer, dm, wise_start, wise_alphas(cfg), out, probe is not None)
+        if trainer.is_global_zero:
+            final = metrics["final_checkpoint"] = save_weights(module, out / "checkpoints" / "final.ckpt")
+    if fitted:
+        val, test = evaluate(trainer, module, dm)
+    else:
+        val, test = evaluate_features(trainer, module, probe)
     metrics.update(val={k: float(v) for k, v in val.items()}, test={k: float(v) for k, v in test.items()},
                    wall_time_s=round(time.perf_counter() - start, 2))
+    if probe is not None:
+        metrics["knn"] = knn_accuracies(probe.features, dm.num_classes)
     if not trainer.is_global_zero:
         return metrics
     write_outputs(metrics, cfg, out)
@@ -122,6 +148,49 @@ def train(cfg: DictConfig) -> dict:
     write_outputs(metrics, cfg, out)
     print(summary(metrics, out))
     return metrics
+
+
+def wise_alphas(cfg: DictConfig) -> list[float] | None:
+    return list(cfg.get("wise", {}).get("alphas") or []) or None
+
+
+def probe_head(cfg: DictConfig, trainer: L.Trainer, module: TransferModule, dm) -> ProbeRun | None:
+    """The strategy's probe head (cached features, L-BFGS), written into the classifier before any gradient step."""
+    spec = module.strategy.head_probe()
+    if spec is None:
+        return None
+    return run_probe(module, dm, spec, cfg.paths.get("cache_dir"), trainer.strategy.root_device,
+                     str(trainer.precision))
+
+
+def evaluate_features(trainer: L.Trainer, module: TransferModule, probe: ProbeRun) -> tuple[dict, dict]:
+    """Val and test metrics of a frozen backbone + head from the probe's cached features (no forward pass),
+    logged to the run's loggers as a fit's would be."""
+    val = feature_metrics(module, probe.features["val"], "val")
+    test = feature_metrics(module, probe.features["test"], "test") if "test" in probe.features else {}
+    for logger in trainer.loggers:
+        logger.log_metrics({**val, **test}, step=0)
+        logger.save()
+    return val, test
+
+
+def save_weights(module: TransferModule, path: Path) -> str:
+    """The module's weights as a Lightning-format checkpoint (state_dict, hyper-parameters, visionft metadata) for
+    a final model no Trainer saved (a probe without gradient epochs, a WiSE-FT choice); written atomically."""
+    import os
+
+    import lightning
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "visionft": module.meta,
+            "epoch": module.trainer.current_epoch if module._trainer is not None else 0,
+            "global_step": module.trainer.global_step if module._trainer is not None else 0,
+            "pytorch-lightning_version": lightning.__version__}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return str(path)
 
 
 class ExportFailed(RuntimeError):

@@ -67,6 +67,16 @@ class Strategy:
         """Epochs at which a new phase begins: warmup and the schedule restart there (one phase by default)."""
         return [0]
 
+    def head_probe(self):
+        """``visionft.probe.ProbeSpec`` when the head starts as a linear probe fitted on cached frozen features
+        (before any gradient step); None: the head starts as the backbone built it."""
+        return None
+
+    @property
+    def gradient_fit(self) -> bool:
+        """False when the strategy is done once its head is probed (no gradient epoch runs)."""
+        return True
+
     def post_fit(self, adapted: Adapted, trainer, datamodule) -> None:
         """A step after fit and before the final evaluation (weight interpolation, a probe head); default none."""
 

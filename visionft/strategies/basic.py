@@ -1,4 +1,4 @@
-"""Strategies that train fixed sets of groups: from scratch, linear probe, full fine-tuning, partial freezing."""
+"""Strategies that train fixed sets of groups: from scratch, full fine-tuning, partial freezing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,16 +19,6 @@ class Scratch(Strategy):
         super().__post_init__()
         if self.bn != "train":
             raise ValueError("strategy=scratch trains BatchNorm statistics from random init: strategy.bn must be 'train'")
-
-
-@dataclass
-class LinearProbe(Strategy):
-    """Frozen feature extractor: only the head trains; every backbone BatchNorm stays in eval mode."""
-
-    lr: float = 1e-2
-
-    def open_epoch(self, index: int, n_groups: int) -> int | None:
-        return 0 if index == n_groups - 1 else None
 
 
 @dataclass

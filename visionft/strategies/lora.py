@@ -100,6 +100,11 @@ class PeftAdapted(Adapted):
     def to_deployable(self) -> nn.Module:
         return self.model.merge_and_unload()  # a plain timm model with the adapters folded into its weights
 
+    def wise_anchor(self, start: dict, end: dict) -> dict:
+        """B starts at zero, so A's starting value is arbitrary: anchoring A at its trained value makes the
+        interpolation alpha * B @ A, i.e. alpha scales the adapter (DoRA magnitudes interpolate from their start)."""
+        return {k: end[k] if "lora_A" in k or "lora_embedding_A" in k else v for k, v in start.items()}
+
     def artifact_state(self) -> dict:
         """The adapters and the head (peft's own selection) [+ BatchNorm statistics if BatchNorm trained]."""
         from peft import get_peft_model_state_dict

@@ -51,6 +51,10 @@ class PromptAdapted(Adapted):
         """The prompts and the head: all a task adds to the shared frozen backbone."""
         return {n: p.detach() for n, p in self.model.named_parameters() if self.trainable(n)}
 
+    def wise_anchor(self, start: dict, end: dict) -> dict:
+        """Random initial prompts are not the pretrained function: the prompts stay as trained, the rest interpolates."""
+        return {k: end[k] if k.startswith("prompts.") else v for k, v in start.items()}
+
     def depth_of(self, name: str) -> int:
         if name.startswith("prompts."):
             return self._module_owner[f"blocks.{int(name.split('.')[1])}"]

@@ -1,0 +1,72 @@
+"""WiSE-FT (Wortsman et al. 2022): after fit, interpolate between the starting weights and the fine-tuned ones,
+theta(alpha) = (1 - alpha) * theta_start + alpha * theta_end, and keep the alpha with the best validation accuracy.
+
+The start is the model as fit began: the pretrained backbone with the probe head for LP-FT; otherwise the pretrained
+backbone with the *trained* head (a fresh zero head is no starting point). Adapters anchor what they add
+(``Adapted.wise_anchor``): for LoRA/DoRA alpha scales the adapter. BatchNorm running statistics interpolate with the
+weights; integer buffers are the end's. The curve is written as ``wise/alpha_curve.csv`` and ``.png``; the chosen
+model is left in the module, so test, artifacts and export all see it."""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def interpolate(start: dict, end: dict, alpha: float) -> dict:
+    return {k: torch.lerp(start[k].to(v), v, alpha) if v.is_floating_point() else v for k, v in end.items()}
+
+
+def anchor_state(module, start: dict, end: dict, head_from_probe: bool) -> dict:
+    adapted = module.adapted
+    anchor = adapted.wise_anchor(start, end)
+    if head_from_probe:
+        return anchor
+    params = dict(module.model.named_parameters())
+    head = module.gates.n_groups - 1
+    return {k: end[k] if k in params and adapted.depth_of(k) == head else v for k, v in anchor.items()}
+
+
+def wise_ft(module, trainer, dm, start: dict, alphas, out: Path, head_from_probe: bool) -> dict:
+    """Evaluate theta(alpha) on val for every alpha, load the best (ties: lower val loss), write the curve."""
+    end = snapshot(module.model)
+    anchor = anchor_state(module, start, end, head_from_probe)
+    rows = []
+    for alpha in sorted(float(a) for a in alphas):
+        module.model.load_state_dict(interpolate(anchor, end, alpha))
+        val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        rows.append({"alpha": alpha, "val_acc": float(val["val/acc"]), "val_loss": float(val["val/loss"])})
+        log.info("WiSE-FT alpha %.2f: val acc %.4f, loss %.4f", alpha, rows[-1]["val_acc"], rows[-1]["val_loss"])
+    best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    module.model.load_state_dict(interpolate(anchor, end, best["alpha"]))
+    write_curve(rows, best["alpha"], out / "wise")
+    return {"alpha": best["alpha"], "curve": rows}
+
+
+def write_curve(rows: list[dict], chosen: float, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "alpha_curve.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["alpha", "val_acc", "val_loss"])
+        w.writeheader()
+        w.writerows(rows)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["alpha"] for r in rows], [r["val_acc"] for r in rows], marker="o")
+    ax.axvline(chosen, color="gray", linestyle="--", label=f"chosen alpha = {chosen:g}")
+    ax.set(xlabel="alpha (0: start of fit, 1: fine-tuned)", ylabel="val accuracy", title="WiSE-FT")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "alpha_curve.png", dpi=120)
+    plt.close(fig)
