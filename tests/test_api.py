@@ -35,12 +35,12 @@ def test_fit_takes_overrides_and_the_config_dir_of_a_user(tmp_path):
         "# @package _global_\ntrainer:\n  max_epochs: 1\nstrategy:\n  lr: 0.002\n")
     cfg = visionft.compose([*TINY, "experiment=tiny"], config_dir=tmp_path / "conf")
     assert cfg.strategy.lr == 0.002
-    run = visionft.fit([*TINY, "strategy=linear_probe"], output_dir=tmp_path / "probe")
-    assert run.metrics["strategy"] == "LinearProbe" and run.metrics["epochs"] == 1
+    run = visionft.fit([*TINY, "strategy=partial"], output_dir=tmp_path / "partial")
+    assert run.metrics["strategy"] == "Partial" and run.metrics["epochs"] == 1
 
 
 def test_load_without_checkpoints_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoints/best.ckpt"):
+    with pytest.raises(FileNotFoundError, match="no checkpoints/final.ckpt, best.ckpt"):
         visionft.load(tmp_path)
 
 

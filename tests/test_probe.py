@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from visionft.probe import embed, solve
+from visionft.features import embed
+from visionft.probe import solve
 from visionft.train import build
 
 

@@ -23,7 +23,10 @@ def _open(n, table):
 # strategy overrides -> (epoch -> groups open counted from the head, BN policy of open groups, layer decay)
 TABLE = {
     "scratch": (["strategy=scratch"], {0: "all", 1: "all", 2: "all"}, "train", 1.0),
-    "linear_probe": (["strategy=linear_probe"], {0: 1, 1: 1, 2: 1}, "frozen", 1.0),
+    "linear_probe": (["strategy=linear_probe", "strategy.solver=adamw"], {0: 1, 1: 1, 2: 1}, "frozen", 1.0),
+    "lp_ft": (["strategy=lp_ft"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "lp_ft_partial": (["strategy=lp_ft", "strategy.freeze_depth=2", "strategy.layer_decay=0.5"], {0: -2, 1: -2, 2: -2},
+                      "frozen", 0.5),
     "full": (["strategy=full"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "full_bn_train": (["strategy=full", "strategy.bn=train"], {0: "all", 1: "all", 2: "all"}, "train", 1.0),
     "partial": (["strategy=partial", "strategy.freeze_depth=2"], {0: -2, 1: -2, 2: -2}, "frozen", 1.0),
@@ -171,7 +174,7 @@ def test_lr_sampled_in_warmup_and_mid_cosine(tiny_cfg):
 
 
 def test_linear_probe_keeps_backbone_bn_frozen_for_the_whole_fit(tiny_cfg):
-    cfg, backbone, module, rec = _run(tiny_cfg, ["strategy=linear_probe"])
+    cfg, backbone, module, rec = _run(tiny_cfg, ["strategy=linear_probe", "strategy.solver=adamw"])
     assert all(not any(modes.values()) for modes in rec.bn_mode.values())
     assert all(not changed for changed in rec.bn_stats_changed.values())
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}

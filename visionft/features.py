@@ -139,6 +139,7 @@ def embed(model: nn.Module, loader, normalize: Callable, device: str | torch.dev
     (e.g. bfloat16) or None for full precision."""
     from tqdm.auto import tqdm
 
+    was_training = model.training
     model.eval()
     device = torch.device(device)
     feats, labels = [], []
@@ -148,4 +149,5 @@ def embed(model: nn.Module, loader, normalize: Callable, device: str | torch.dev
             f = model.forward_head(model.forward_features(normalize(x.to(device))), pre_logits=True)
         feats.append(f.float().cpu())
         labels.append(torch.as_tensor(y))
+    model.train(was_training)  # a fine-tuning phase that follows runs in the mode it was given
     return torch.cat(feats), torch.cat(labels)

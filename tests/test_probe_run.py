@@ -1,0 +1,180 @@
+"""The cached linear probe as a run: its checkpoint evaluated on images by a plain loop, the feature cache (reuse,
+staleness, corruption, opt-out, augmented views), kNN against scikit-learn, LP-FT's starting head and WiSE-FT."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import visionft
+from visionft.probe import ProbeSpec, knn_predict, run_probe
+from visionft.train import build, train
+
+
+def _plain_eval(run_dir: Path, cfg, split: str = "test") -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of a run's final checkpoint on the split's images: a plain loop over the
+    datamodule's evaluation images, preprocessed from the checkpoint's own metadata."""
+    trained = visionft.load(run_dir)
+    dm, _, _ = build(cfg)
+    ds = dm.dataset(split)
+    x = torch.stack([ds[i][0] for i in range(len(ds))]).float()
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    mean = torch.tensor(trained.meta["mean"]).view(1, -1, 1, 1) * 255
+    std = torch.tensor(trained.meta["std"]).view(1, -1, 1, 1) * 255
+    with torch.no_grad():
+        logits = trained.model((x - mean) / std)
+    return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
+
+
+def _cache_files(cache: Path) -> list[Path]:
+    return sorted((cache / "features").glob("*.safetensors"))
+
+
+def test_probe_run_is_a_normal_checkpoint_whose_metrics_match_a_plain_loop(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("strategy=linear_probe", f"paths.cache_dir={tmp_path / 'cache'}", output_dir=tmp_path / "run")
+    m = train(cfg)
+    assert m["epochs"] == 0 and m["final_checkpoint"].endswith("final.ckpt")
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # no gradient epoch ran
+    acc, loss = _plain_eval(tmp_path / "run", cfg)
+    assert m["test"]["test/acc"] == pytest.approx(acc, abs=1e-6)
+    assert m["test"]["test/loss"] == pytest.approx(loss, rel=1e-4)
+    sd = torch.load(m["final_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert m["trainable_params"] == sd["model.fc.weight"].numel() + sd["model.fc.bias"].numel()  # the head only
+    assert sorted(m["probe"]["embedded"]) == ["test", "train", "val"] and m["probe"]["cache_hits"] == []
+    assert set(m["knn"]) == {"k=10", "k=20", "k=100", "k=200"} and "test" in m["knn"]["k=20"]
+    assert len(_cache_files(tmp_path / "cache")) == 3
+
+
+def test_cache_is_reused_and_rebuilt_when_stale_or_corrupt(tiny_cfg, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    base = ["strategy=linear_probe", f"paths.cache_dir={cache}"]
+    first = train(tiny_cfg(*base, output_dir=tmp_path / "a"))
+    again = train(tiny_cfg(*base, output_dir=tmp_path / "b"))
+    assert again["probe"]["embedded"] == [] and again["probe"]["cache_hits"] == ["test", "train", "val"]
+    assert again["test"] == first["test"] and again["probe"]["l2"] == first["probe"]["l2"]
+    # other weights (same data): every split is embedded again
+    reinit = train(tiny_cfg(*base, "seed=7", "data.seed=42", output_dir=tmp_path / "c"))
+    assert reinit["probe"]["embedded"] == ["test", "train", "val"]
+    # other data files (a different training subset): at least train is embedded again
+    fewer = train(tiny_cfg(*base, "data.per_class=5", output_dir=tmp_path / "d"))
+    assert "train" in fewer["probe"]["embedded"]
+    # a truncated entry and one whose tensor bytes were altered are reported and rebuilt, never used
+    files = _cache_files(cache)
+    by_size = sorted(files, key=lambda p: p.stat().st_mtime_ns)[:3]  # the first run's three entries
+    by_size[0].write_bytes(by_size[0].read_bytes()[:100])
+    raw = bytearray(by_size[1].read_bytes())
+    raw[-8:] = bytes(8 - i for i in range(8))
+    by_size[1].write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="visionft.features"):
+        healed = train(tiny_cfg(*base, output_dir=tmp_path / "e"))
+    assert len(healed["probe"]["embedded"]) == 2
+    assert "unreadable" in caplog.text and "checksum" in caplog.text
+    assert healed["test"] == first["test"]
+
+
+def test_cache_false_writes_nothing(tiny_cfg, tmp_path):
+    m = train(tiny_cfg("strategy=linear_probe", "strategy.cache=false", f"paths.cache_dir={tmp_path / 'cache'}",
+                       output_dir=tmp_path / "run"))
+    assert not (tmp_path / "cache").exists() and m["probe"]["embedded"] == ["test", "train", "val"]
+
+
+def test_augmented_views_are_seeded_distinct_and_cached(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("strategy=linear_probe", "strategy.cache_views=2", "data.augment.name=crop_flip",
+                   output_dir=tmp_path / "run")
+    torch.manual_seed(0)  # the same random-init backbone for both builds
+    dm, _, module = build(cfg)
+    spec = ProbeSpec(cache_views=2)
+    first = run_probe(module, dm, spec, tmp_path / "cache")
+    n = dm.sizes()["train"]
+    x = first.features["train"].x
+    assert module.model.training  # embedding left the model in the mode it had (a fine-tuning phase may follow)
+    assert x.shape[0] == 2 * n and torch.equal(first.features["train"].y[:n], first.features["train"].y[n:])
+    assert not torch.allclose(x[:n], x[n:])  # two different augmented views of each image
+    torch.manual_seed(0)
+    dm2, _, module2 = build(cfg)
+    second = run_probe(module2, dm2, spec, tmp_path / "cache")
+    assert second.features["train"].hit and torch.equal(second.features["train"].x, x)
+    fresh = run_probe(module2, dm2, ProbeSpec(cache_views=2, cache=False), None)  # recomputed: same seeded views
+    assert torch.allclose(fresh.features["train"].x, x, atol=1e-5)
+
+
+def test_knn_matches_scikit_learn():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(300, 16, generator=g), torch.randn(100, 16, generator=g)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    ours1 = knn_predict((bank, labels), query, 5, k=1).argmax(1).numpy()
+    ref1 = KNeighborsClassifier(1, metric="cosine").fit(bank.numpy(), labels.numpy()).predict(query.numpy())
+    assert (ours1 == ref1).all()
+    # k=7, DINOv2's temperature: the neighbours scikit-learn finds, each voting exp(cosine similarity / 0.07)
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, idx = NearestNeighbors(n_neighbors=7, metric="cosine").fit(bank.numpy()).kneighbors(query.numpy())
+    expected = np.zeros((100, 5))
+    np.add.at(expected, (np.arange(100)[:, None].repeat(7, 1), labels.numpy()[idx]), np.exp((1 - dist) / 0.07))
+    ours7 = knn_predict((bank, labels), query, 5, k=7, temperature=0.07).numpy()
+    assert np.allclose(ours7, expected, rtol=1e-4) and (ours7.argmax(1) == expected.argmax(1)).all()
+
+
+def test_lp_ft_starts_from_the_probe_and_wise_interpolates(tiny_cfg, tmp_path):
+    common = ["strategy=lp_ft", "trainer.max_epochs=2", f"paths.cache_dir={tmp_path / 'cache'}"]
+    plain = train(tiny_cfg(*common, output_dir=tmp_path / "plain"))
+    cfg = tiny_cfg(*common, "wise.alphas=[0,0.5,1]", output_dir=tmp_path / "wise")
+    m = train(cfg)
+    curve = {r["alpha"]: r for r in m["wise"]["curve"]}
+    # alpha=0 is the start of fit: the probe head on the pretrained backbone, evaluated on images by Lightning,
+    # equals the probe's own validation accuracy on cached features
+    assert curve[0.0]["val_acc"] == pytest.approx(m["probe"]["val_acc_path"][
+        [row[0] for row in m["probe"]["val_acc_path"]].index(m["probe"]["l2"])][1], abs=1e-4)
+    # alpha=1 is the fine-tuned model of the same run without WiSE-FT
+    assert curve[1.0]["val_acc"] == pytest.approx(plain["val"]["val/acc"], abs=1e-6)
+    best = max(m["wise"]["curve"], key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert m["wise"]["alpha"] == best["alpha"] and m["val"]["val/acc"] == pytest.approx(best["val_acc"], abs=1e-6)
+    rows = (tmp_path / "wise" / "wise" / "alpha_curve.csv").read_text().splitlines()
+    assert rows[0] == "alpha,val_acc,val_loss" and len(rows) == 4
+    assert (tmp_path / "wise" / "wise" / "alpha_curve.png").stat().st_size > 0
+    # the chosen model is what test (and export, predict) see: its checkpoint evaluated by a plain loop
+    acc, _ = _plain_eval(tmp_path / "wise", cfg)
+    assert m["test"]["test/acc"] == pytest.approx(acc, abs=1e-6)
+    saved = json.loads((tmp_path / "wise" / "metrics.json").read_text())
+    assert saved["final_checkpoint"].endswith("final.ckpt") and saved["wise"]["alpha"] == m["wise"]["alpha"]
+
+
+def test_wise_scales_the_lora_adapter(tiny_cfg, tmp_path):
+    """With alpha = 0.5, the merged weight of every adapted layer moved half as far as the fine-tuned adapter's:
+    W(0.5) - W0 = 0.5 (W(1) - W0), read through peft's own merge."""
+    from visionft.export import load_trained
+
+    cfg = tiny_cfg("strategy=lora", "strategy.r=2", "+backbone.kwargs.zero_init_last=false", "wise.alphas=[0.5]",
+                   "trainer.max_epochs=2", output_dir=tmp_path / "run")
+    m = train(cfg)
+    assert m["wise"]["alpha"] == 0.5
+    half, _, _ = load_trained(m["final_checkpoint"])
+    full, _, _ = load_trained(m["best_checkpoint"])
+    base = torch.load(m["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    moved = 0
+    for name, w_half in half.state_dict().items():
+        key = f"model.base_model.model.{name.replace('.weight', '.base_layer.weight')}"
+        if key in base and w_half.is_floating_point():
+            w0, w1 = base[key], full.state_dict()[name]
+            assert torch.allclose(w_half - w0, 0.5 * (w1 - w0), atol=1e-6), name
+            moved += int(not torch.equal(w1, w0))
+    assert moved > 0
+
+
+def test_wise_needs_a_fine_tuning_run(tiny_cfg, tmp_path):
+    with pytest.raises(ValueError, match="runs no gradient step"):
+        train(tiny_cfg("strategy=linear_probe", "wise.alphas=[0,1]", output_dir=tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        train(tiny_cfg("strategy=full", "wise.alphas=[0,2]", output_dir=tmp_path / "run"))
+
+
+def test_probe_beats_chance_by_far_on_learnable_data(tiny_cfg, tmp_path):
+    m = train(tiny_cfg("strategy=linear_probe", output_dir=tmp_path / "run"))
+    assert m["test"]["test/acc"] > 3 * 0.1 and np.isfinite(m["test"]["test/loss"])
