@@ -3,6 +3,7 @@
     python -m visionft [hydra overrides]        train (and optionally export=<format>)
     python -m visionft export --ckpt ... --format torchscript|onnx|exported_program
     python -m visionft predict --model ... --inputs ...
+    python -m visionft embed --ckpt ... | --backbone ... --inputs ... | --data ... --out features.npz
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("export", "predict"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("export", "predict", "embed"):
         from visionft.cli import run
 
         sys.exit(run(sys.argv[1], sys.argv[2:]))

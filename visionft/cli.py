@@ -1,4 +1,4 @@
-"""``visionft export`` and ``visionft predict``: plain argparse, so that any path works (Hydra's override grammar
+"""``visionft export``, ``visionft predict`` and ``visionft embed``: plain argparse, so that any path works (Hydra's override grammar
 rejects spaces, parentheses, commas, '=' and non-ASCII characters in values)."""
 from __future__ import annotations
 
@@ -42,7 +42,28 @@ def predict_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"export": export_main, "predict": predict_main}
+def embed_main(argv: list[str]) -> int:
+    from visionft.embed import embed_command
+
+    p = argparse.ArgumentParser(prog="visionft embed", description="Pre-logit features of a backbone or trained "
+                                "checkpoint for a folder or a dataset split, as .npz or .parquet.")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="a trained visionft .ckpt (its deployable model and evaluation geometry)")
+    model.add_argument("--backbone", help="a backbone preset (conf/backbone) or any timm name, pretrained weights")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--inputs", nargs="+", help="image files and/or folders (<folder>/<class>/... gives labels)")
+    source.add_argument("--data", help="a dataset preset (conf/data), e.g. digits; extra Hydra overrides after it")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split of --data")
+    p.add_argument("--out", required=True, help="features.npz (features, labels, paths, classes) or .parquet")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for --data, e.g. data.root=/path")
+    a = p.parse_args(argv)
+    done = embed_command(a.out, a.inputs, a.data, a.split, a.ckpt, a.backbone, a.batch_size, a.overrides)
+    print(f"{done['images']} images embedded ({done['dim']} features each), written to {done['out']}")
+    return 0
+
+
+COMMANDS = {"export": export_main, "predict": predict_main, "embed": embed_main}
 
 
 def run(command: str, argv: list[str]) -> int:
