@@ -241,7 +241,7 @@ def test_no_core_module_knows_a_wrapper_by_name():
     import visionft
 
     core = ["module.py", "optim.py", "gates.py", "export.py", "train.py", "build.py", "backbones.py", "predict.py",
-            "adapted.py", "api.py"]
+            "adapted.py", "api.py", "wise.py", "probe.py", "features.py", "embed.py"]
     root = Path(visionft.__file__).parent
     for name in core:
         src = (root / name).read_text()

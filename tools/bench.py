@@ -4,6 +4,7 @@
     python tools/bench.py --case strategies     # every strategy on the default backbone and data
     python tools/bench.py --case cifar10 data.root=$(../shared/tools/unpack-cifar10)   # real CIFAR-10 JPEGs
     python tools/bench.py --case quickstart --out bench.json trainer.max_epochs=4   # extra Hydra overrides
+    python tools/bench.py --case probe --cifar-root $(../shared/tools/unpack-cifar10)  # the probe's bars
 
 Each row: test accuracy and macro-F1 of the best checkpoint, trainable/total parameters, train images/s (training
 batches only) and the whole run's wall time (data, model build, fit, val and test). Speed targets live here, not in
@@ -61,9 +62,9 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
             "train_images_per_s": m["train_images_per_s"], "wall_time_s": m["wall_time_s"], "epochs": m["epochs"]}
 
 
-def table(rows: list[dict]) -> str:
-    cols = ["case", "test_acc", "test_f1_macro", "trainable_params", "total_params", "train_images_per_s",
-            "wall_time_s", "epochs"]
+def table(rows: list[dict], cols: list[str] | None = None) -> str:
+    cols = cols or ["case", "test_acc", "test_f1_macro", "trainable_params", "total_params", "train_images_per_s",
+                    "wall_time_s", "epochs"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols) + " |")
@@ -72,18 +73,24 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", choices=sorted(CASES), default="quickstart")
+    p.add_argument("--case", choices=sorted([*CASES, "probe"]), default="quickstart")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    p.add_argument("--cifar-root", type=Path, default=None, help="CIFAR-10 JPEGs (ImageFolder): the probe case's photos")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="visionft-bench-"))
-    rows = [run(name, [*ov, *a.overrides], work) for name, ov in CASES[a.case].items()]
+    if a.case == "probe":
+        from bench_probe import COLUMNS, probe_rows
+
+        rows, cols = probe_rows(work, a.cifar_root, a.overrides), COLUMNS
+    else:
+        rows, cols = [run(name, [*ov, *a.overrides], work) for name, ov in CASES[a.case].items()], None
     report = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                           "python": platform.python_version(), "torch": torch.__version__},
               "rows": rows}
-    print(table(rows))
+    print(table(rows, cols))
     print(json.dumps(report, indent=2))
     if a.out:
         a.out.write_text(json.dumps(report, indent=2))

@@ -11,8 +11,8 @@ adapters, prompt tokens, bottleneck adapters) by name.
 - ``to_deployable()``: a plain ``nn.Module`` for export (merged where possible; otherwise the wrapped module);
 - ``artifact_state()``: the tensors of a strategy's small artifact file (``None``: no artifact);
 - ``wise_anchor(start, end)``: the state WiSE-FT interpolates from (``visionft.wise``): by default the state at the
-  start of fit; a wrapper replaces entries whose starting value does not change the function (a LoRA A matrix
-  while B is zero), so that interpolating scales what it added.
+  start of fit; a wrapper replaces entries whose starting value does not change the function (a low-rank
+  adapter's down-projection while its up-projection is zero), so that interpolating scales what it added.
 
 The base class is the identity wrapper: a plain timm model, trained where ``requires_grad`` is set after
 ``prepare`` (so freezing strategies such as BitFit need no subclass).

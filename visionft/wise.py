@@ -3,7 +3,7 @@ theta(alpha) = (1 - alpha) * theta_start + alpha * theta_end, and keep the alpha
 
 The start is the model as fit began: the pretrained backbone with the probe head for LP-FT; otherwise the pretrained
 backbone with the *trained* head (a fresh zero head is no starting point). Adapters anchor what they add
-(``Adapted.wise_anchor``): for LoRA/DoRA alpha scales the adapter. BatchNorm running statistics interpolate with the
+(``Adapted.wise_anchor``): for low-rank adapters alpha scales the adapter. BatchNorm running statistics interpolate with the
 weights; integer buffers are the end's. The curve is written as ``wise/alpha_curve.csv`` and ``.png``; the chosen
 model is left in the module, so test, artifacts and export all see it."""
 from __future__ import annotations
