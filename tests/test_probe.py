@@ -40,7 +40,7 @@ def test_lbfgs_probe_matches_sklearn_on_the_same_features(features):
     reference = best[1].score(scaler.transform(test[0].numpy()), test[1].numpy())
     assert ours >= reference - 0.005, (ours, reference, fit.l2, fit.path)
     assert ours > 0.9  # far above chance (0.1): the features are real ImageNet features
-    assert len(fit.path) == 7 and fit.val_acc == max(a for _, a in fit.path)
+    assert len(fit.path) == 9 and fit.val_acc == max(a for _, a in fit.path)
 
 
 def test_solve_folds_standardization_into_the_head():

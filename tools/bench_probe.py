@@ -83,7 +83,7 @@ def sklearn_probe(feats: dict) -> tuple[float, float]:
     (x, y), (vx, vy), (tx, ty) = feats["train"], feats["val"], feats["test"]
     scaler = StandardScaler().fit(x)
     x, vx, tx = scaler.transform(x), scaler.transform(vx), scaler.transform(tx)
-    grid = sorted({1.0 / (10.0 ** e * len(x)) for e in range(-6, 1)} | {10.0 ** e for e in range(-4, 4)})
+    grid = sorted({1.0 / (10.0 ** e * len(x)) for e in range(-6, 3)} | {10.0 ** e for e in range(-4, 4)})
     best = None
     for c in grid:
         clf = LogisticRegression(C=c, max_iter=5000).fit(x, y)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +67,8 @@ def _tensors_hash(x: torch.Tensor, y: torch.Tensor) -> str:
 
 
 class FeatureCache:
-    """``get(key, build)``: the cached features for ``key`` (a JSON-able dict), or ``build()``'s, stored.
-    ``root=None``: no disk cache (features live for the run only)."""
+    """``read(key)``: the cached features for ``key`` (a JSON-able dict) or None; ``write(key, features)`` stores
+    them. ``root=None``: no disk cache (features live for the run only)."""
 
     def __init__(self, root: str | Path | None) -> None:
         self.root = Path(root).expanduser() / "features" if root else None
@@ -80,19 +79,14 @@ class FeatureCache:
         digest = hashlib.sha256(json.dumps({"format": FORMAT, **key}, sort_keys=True).encode()).hexdigest()
         return self.root / f"{digest[:32]}.safetensors"
 
-    def get(self, key: dict, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Features:
+    def read(self, key: dict) -> Features | None:
         path = self.path(key)
-        if path is not None and path.is_file():
-            found = self._read(path, key)
-            if found is not None:
-                return found
-        start = time.perf_counter()
-        x, y = build()
-        feats = Features(x.float().contiguous(), y.long().contiguous(), hit=False,
-                         seconds=time.perf_counter() - start)
+        return self._read(path, key) if path is not None and path.is_file() else None
+
+    def write(self, key: dict, feats: Features) -> None:
+        path = self.path(key)
         if path is not None:
             self._write(path, key, feats)
-        return feats
 
     @staticmethod
     def _read(path: Path, key: dict) -> Features | None:

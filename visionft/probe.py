@@ -16,7 +16,7 @@ from torch import nn
 from visionft.features import Features, FeatureCache, embed, split_hash, weights_hash
 
 log = logging.getLogger(__name__)
-DEFAULT_GRID = tuple(10.0 ** e for e in range(-6, 1))  # L2 strengths on standardized features
+DEFAULT_GRID = tuple(10.0 ** e for e in range(-6, 3))  # L2 strengths on standardized features: 1e-6 .. 100
 
 
 @dataclass
@@ -57,7 +57,7 @@ class ProbeRun:
 def _fit_one(x, y, l2, init, max_iter) -> tuple[torch.Tensor, torch.Tensor]:
     w = init[0].clone().requires_grad_(True)
     b = init[1].clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-5, tolerance_change=1e-9,
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-4, tolerance_change=1e-7,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
@@ -140,24 +140,44 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
 
 
-def split_features(module, dm, split: str, spec: ProbeSpec, cache: FeatureCache, device, precision: str,
-                   backbone_hash: str) -> Features:
-    """One split's features (the eval transform; ``cache_views`` augmented views for train), from the cache when
-    everything that changes them is unchanged."""
-    model = module.adapted.model
+def _dataset_and_key(module, dm, split: str, spec: ProbeSpec, precision: str, backbone_hash: str):
+    """The split's dataset (the eval transform; ``cache_views`` seeded augmented views for train) and its cache key:
+    everything that changes its features."""
     views = spec.cache_views if split == "train" else 0
     dataset = dm.dataset(split, train_aug=views > 0)
+    transform = repr(dataset.transform)
     if views:
         dataset = _SeededViews(dataset, views, dm.seed)
     data = dm.splits[split]
     key = {"backbone": module.meta["timm_name"], "model_kwargs": module.meta["model_kwargs"], "weights": backbone_hash,
-           "split": split, "data": split_hash(data.images, data.labels), "transform": repr(dataset.transform
-           if not views else dataset.dataset.transform), "image_size": dm.image_size, "precision": str(precision),
-           "views": views, "view_seed": dm.seed if views else None}
-    loader = torch.utils.data.DataLoader(dataset, batch_size=dm.eval_batch_size, num_workers=dm.num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
-    return cache.get(key, lambda: embed(model, loader, module.normalize, device, autocast_dtype(precision),
-                                        progress=f"embed {split}"))
+           "split": split, "data": split_hash(data.images, data.labels), "transform": transform,
+           "image_size": dm.image_size, "precision": str(precision), "views": views,
+           "view_seed": dm.seed if views else None}
+    return dataset, key
+
+
+def probe_features(module, dm, spec: ProbeSpec, cache: FeatureCache, device, precision: str,
+                   backbone_hash: str) -> dict[str, Features]:
+    """Features of every split ``spec`` names: cached ones read, the others embedded in one pass (one loader, so
+    worker processes start once) and stored split by split."""
+    splits = [s for s in spec.splits if s in dm.splits and len(dm.splits[s])]
+    made = {s: _dataset_and_key(module, dm, s, spec, precision, backbone_hash) for s in splits}
+    feats = {s: cache.read(key) for s, (_, key) in made.items()}
+    missing = [s for s in splits if feats[s] is None]
+    if missing:
+        start = time.perf_counter()
+        parts = [made[s][0] for s in missing]
+        loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_size=dm.eval_batch_size,
+                                             num_workers=dm.num_workers,
+                                             pin_memory=torch.device(device).type == "cuda")
+        x, y = embed(module.adapted.model, loader, module.normalize, device, autocast_dtype(precision),
+                     progress=f"embed {'+'.join(missing)}")
+        seconds = time.perf_counter() - start
+        for s, chunk_x, chunk_y in zip(missing, x.split([len(p) for p in parts]), y.split([len(p) for p in parts])):
+            feats[s] = Features(chunk_x.contiguous(), chunk_y.contiguous(), hit=False,
+                                seconds=seconds * len(chunk_y) / len(y))
+            cache.write(made[s][1], feats[s])
+    return feats
 
 
 def run_probe(module, dm, spec: ProbeSpec, cache_dir, device="cpu", precision: str = "32-true") -> ProbeRun:
@@ -168,8 +188,7 @@ def run_probe(module, dm, spec: ProbeSpec, cache_dir, device="cpu", precision: s
     backbone_hash = weights_hash(model, skip=lambda n: n == classifier or n.startswith(classifier + "."))
     cache = FeatureCache(cache_dir if spec.cache else None)
     start = time.perf_counter()
-    feats = {s: split_features(module, dm, s, spec, cache, device, precision, backbone_hash)
-             for s in spec.splits if s in dm.splits and len(dm.splits[s])}
+    feats = probe_features(module, dm, spec, cache, device, precision, backbone_hash)
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
     fit = solve((feats["train"].x.to(device), feats["train"].y.to(device)),

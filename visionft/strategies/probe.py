@@ -14,7 +14,7 @@ SOLVERS = ("lbfgs", "adamw")
 class _ProbeOptions:
     cache: bool = True  # keep features under paths.cache_dir, reused across runs and sweeps; false: this run only
     cache_views: int = 0  # K > 0: fit on K augmented views of every training image (embedded once, cached)
-    l2_grid: tuple[float, ...] | None = None  # L2 strengths tried on val (standardized features); None: 1e-6 .. 1
+    l2_grid: tuple[float, ...] | None = None  # L2 strengths tried on val (standardized features); None: 1e-6 .. 100
     max_iter: int = 500  # L-BFGS iterations per L2 strength
 
     def _check_probe(self) -> None:
