@@ -4,6 +4,7 @@
     python tools/bench.py --case strategies     # every strategy on the default backbone and data
     python tools/bench.py --case cifar10 data.root=$(../shared/tools/unpack-cifar10)   # real CIFAR-10 JPEGs
     python tools/bench.py --case quickstart --out bench.json trainer.max_epochs=4   # extra Hydra overrides
+    python tools/bench.py --case lp_ft --seeds 0 1 2                   # LP-FT / WiSE-FT vs full, mean ± std
     python tools/bench.py --case probe --cifar-root $(../shared/tools/unpack-cifar10)  # the probe's bars
 
 Each row: test accuracy and macro-F1 of the best checkpoint, trainable/total parameters, train images/s (training
@@ -23,6 +24,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
+WISE = "[0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1]"
 CASES = {
     "quickstart": {"quickstart": []},
     "strategies": {s: [f"strategy={s}"] for s in (
@@ -35,6 +37,19 @@ CASES = {
         "vit_random_linear_probe": ["backbone=vit_small", "backbone.pretrained=false", "strategy=linear_probe"],
         "vit_random_vpt": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt"],
         "vit_random_vpt_deep": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt", "strategy.deep=true"],
+    },
+    # LP-FT and WiSE-FT against full fine-tuning (run with --seeds 0 1 2); lp_ft_cifar10 needs data.root as cifar10
+    "lp_ft": {
+        "full": ["strategy=full"],
+        "full_wise": ["strategy=full", f"wise.alphas={WISE}"],
+        "lp_ft": ["strategy=lp_ft"],
+        "lp_ft_wise": ["strategy=lp_ft", f"wise.alphas={WISE}"],
+    },
+    "lp_ft_cifar10": {
+        "full": ["experiment=cifar10_subset", "strategy=full"],
+        "full_wise": ["experiment=cifar10_subset", "strategy=full", f"wise.alphas={WISE}"],
+        "lp_ft": ["experiment=cifar10_subset", "strategy=lp_ft"],
+        "lp_ft_wise": ["experiment=cifar10_subset", "strategy=lp_ft", f"wise.alphas={WISE}"],
     },
     # real CIFAR-10 JPEGs: pass data.root=<.../cifar10> (e.g. $(../shared/tools/unpack-cifar10))
     "cifar10": {
@@ -59,7 +74,24 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
     return {"case": name, "overrides": " ".join(overrides), "test_acc": round(m["test"].get("test/acc", 0.0), 4),
             "test_f1_macro": round(m["test"].get("test/f1_macro", 0.0), 4),
             "trainable_params": m["trainable_params"], "total_params": m["total_params"],
-            "train_images_per_s": m["train_images_per_s"], "wall_time_s": m["wall_time_s"], "epochs": m["epochs"]}
+            "train_images_per_s": m["train_images_per_s"], "wall_time_s": m["wall_time_s"], "epochs": m["epochs"],
+            **({"wise_alpha": m["wise"]["alpha"]} if "wise" in m else {})}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of each case's test accuracy and wall time (n given)."""
+    import numpy as np
+
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case]
+        acc, wall = np.array([r["test_acc"] for r in mine]), np.array([r["wall_time_s"] for r in mine])
+        out.append({"case": case, "n": len(mine), "seeds": " ".join(str(r["seed"]) for r in mine),
+                    "test_acc": f"{acc.mean():.4f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.4f}",
+                    "wall_time_s": f"{wall.mean():.0f} ± {wall.std(ddof=1) if len(wall) > 1 else 0:.0f}",
+                    "trainable_params": mine[0]["trainable_params"],
+                    "wise_alpha": " ".join(str(r["wise_alpha"]) for r in mine if "wise_alpha" in r) or "-"})
+    return out
 
 
 def table(rows: list[dict], cols: list[str] | None = None) -> str:
@@ -75,6 +107,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", choices=sorted([*CASES, "probe"]), default="quickstart")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run every case once per seed (seed=S); "
+                   "adds a mean ± std table")
     p.add_argument("--cifar-root", type=Path, default=None, help="CIFAR-10 JPEGs (ImageFolder): the probe case's photos")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     a = p.parse_args()
@@ -85,12 +119,20 @@ def main() -> None:
 
         rows, cols = probe_rows(work, a.cifar_root, a.overrides), COLUMNS
     else:
-        rows, cols = [run(name, [*ov, *a.overrides], work) for name, ov in CASES[a.case].items()], None
+        seeds = a.seeds or [None]
+        rows = [{**run(f"{name}" + (f"-s{s}" if s is not None else ""),
+                       [*ov, *a.overrides, *([f"seed={s}"] if s is not None else [])], work),
+                 "case": name, "seed": s} for s in seeds for name, ov in CASES[a.case].items()]
+        cols = None
     report = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                           "python": platform.python_version(), "torch": torch.__version__},
               "rows": rows}
     print(table(rows, cols))
+    if a.case != "probe" and a.seeds:
+        report["mean_std"] = aggregate(rows)
+        print(table(report["mean_std"], ["case", "n", "seeds", "test_acc", "wall_time_s", "trainable_params",
+                                         "wise_alpha"]))
     print(json.dumps(report, indent=2))
     if a.out:
         a.out.write_text(json.dumps(report, indent=2))
