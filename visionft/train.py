@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -75,11 +76,21 @@ def evaluate(trainer: L.Trainer, module: TransferModule, dm) -> tuple[dict, dict
     return val, test
 
 
-def train(cfg: DictConfig) -> dict:
-    """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``, or the probe, or the WiSE-FT
-    choice) on val and test, write ``metrics.json`` and ``config.yaml`` into the output directory, then artifacts
-    and the export."""
-    start = time.perf_counter()
+@dataclass
+class Parts:
+    """The objects of one run."""
+
+    out: Path
+    dm: object
+    backbone: object
+    module: TransferModule
+    trainer: L.Trainer
+    ckpt: object  # the monitored ModelCheckpoint (or None)
+    speed: object  # TrainThroughput
+
+
+def set_up(cfg: DictConfig) -> Parts:
+    """Output directory, option checks, seeding, and every object of the run."""
     quiet_third_party(resuming=bool(cfg.resume or cfg.ckpt_path))
     out = output_dir(cfg)
     with open_dict(cfg):
@@ -88,6 +99,9 @@ def train(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, backbone, module = build(cfg)
+    if wise_alphas(cfg) and not module.strategy.gradient_fit:
+        raise ValueError(f"wise.alphas interpolates between the start and the end of fine-tuning, and strategy "
+                         f"{module.strategy.name} runs no gradient step: drop wise.alphas (or use strategy=lp_ft)")
     if cfg.compile:
         from visionft.compile import maybe_compile
 
@@ -95,58 +109,82 @@ def train(cfg: DictConfig) -> dict:
     trainer, ckpt, speed = build_trainer(cfg, out)
     log.info("backbone %s (weights: %s), data %s: %s", backbone.name, backbone.weights, type(dm).__name__,
              dm.sizes())
-    if wise_alphas(cfg) and not module.strategy.gradient_fit:
-        raise ValueError(f"wise.alphas interpolates between the start and the end of fine-tuning, and strategy "
-                         f"{module.strategy.name} runs no gradient step: drop wise.alphas (or use strategy=lp_ft)")
-    probe = probe_head(cfg, trainer, module, dm)
-    wise_start = snapshot(module.model) if wise_alphas(cfg) else None
-    fitted = module.strategy.gradient_fit
-    if fitted:
-        trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg, out))
-        final = (ckpt.best_model_path if ckpt is not None else "") or str(out / "checkpoints" / "last.ckpt")
-    else:
-        final = save_weights(module, out / "checkpoints" / "final.ckpt") if trainer.is_global_zero else ""
-    metrics = {
+    return Parts(out, dm, backbone, module, trainer, ckpt, speed)
+
+
+def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | None]:
+    """The probe head (if the strategy has one), then the gradient fit (if it has one). Returns the checkpoint of
+    the final model, the probe, and the WiSE-FT starting state (None when off)."""
+    probe = probe_head(cfg, p.trainer, p.module, p.dm)
+    wise_start = snapshot(p.module.model) if wise_alphas(cfg) else None
+    if not p.module.strategy.gradient_fit:
+        return (save_weights(p.module, p.out / "checkpoints" / "final.ckpt") if p.trainer.is_global_zero else "",
+                probe, wise_start)
+    p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume_path(cfg, p.out))
+    best = p.ckpt.best_model_path if p.ckpt is not None else ""
+    return best or str(p.out / "checkpoints" / "last.ckpt"), probe, wise_start
+
+
+def record(p: Parts, final: str, probe: ProbeRun | None, start: float) -> dict:
+    return {
         "artifacts": [],
         "val": {}, "test": {},
-        **module.param_counts(),
-        "epochs": trainer.current_epoch,
+        **p.module.param_counts(),
+        "epochs": p.trainer.current_epoch,
         "wall_time_s": round(time.perf_counter() - start, 2),
-        "train_images_per_s": round(speed.images_per_second, 1),
-        "best_checkpoint": (ckpt.best_model_path if ckpt is not None else None) or None,
+        "train_images_per_s": round(p.speed.images_per_second, 1),
+        "best_checkpoint": (p.ckpt.best_model_path if p.ckpt is not None else None) or None,
         "final_checkpoint": final or None,
-        "output_dir": str(out),
-        "backbone": backbone.name,
-        "weights": backbone.weights,
-        "strategy": module.strategy.name,
-        "data": dm.sizes(),
+        "output_dir": str(p.out),
+        "backbone": p.backbone.name,
+        "weights": p.backbone.weights,
+        "strategy": p.module.strategy.name,
+        "data": p.dm.sizes(),
         **({"probe": probe.summary()} if probe is not None else {}),
     }
-    if trainer.is_global_zero:  # the fit is on record before any later phase can fail
-        write_outputs(metrics, cfg, out)
-    if fitted:
-        load_final(trainer, module, final)
-    module.strategy.post_fit(module.adapted, trainer, dm)
+
+
+def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_start: dict | None,
+           metrics: dict) -> str:
+    """Make the module the one final model (best checkpoint, post-fit step, WiSE-FT choice) and evaluate it on val
+    and test (from cached features when no gradient step ran); returns the final model's checkpoint."""
+    if p.module.strategy.gradient_fit:
+        load_final(p.trainer, p.module, final)
+    p.module.strategy.post_fit(p.module.adapted, p.trainer, p.dm)
     if wise_start is not None:
-        metrics["wise"] = wise_ft(module, trainer, dm, wise_start, wise_alphas(cfg), out, probe is not None)
-        if trainer.is_global_zero:
-            final = metrics["final_checkpoint"] = save_weights(module, out / "checkpoints" / "final.ckpt")
-    if fitted:
-        val, test = evaluate(trainer, module, dm)
+        metrics["wise"] = wise_ft(p.module, p.trainer, p.dm, wise_start, wise_alphas(cfg), p.out, probe is not None)
+        if p.trainer.is_global_zero:
+            final = metrics["final_checkpoint"] = save_weights(p.module, p.out / "checkpoints" / "final.ckpt")
+    if p.module.strategy.gradient_fit:
+        val, test = evaluate(p.trainer, p.module, p.dm)
     else:
-        val, test = evaluate_features(trainer, module, probe)
-    metrics.update(val={k: float(v) for k, v in val.items()}, test={k: float(v) for k, v in test.items()},
-                   wall_time_s=round(time.perf_counter() - start, 2))
+        val, test = evaluate_features(p.trainer, p.module, probe)
+    metrics.update(val={k: float(v) for k, v in val.items()}, test={k: float(v) for k, v in test.items()})
     if probe is not None:
-        metrics["knn"] = knn_accuracies(probe.features, dm.num_classes)
-    if not trainer.is_global_zero:
+        metrics["knn"] = knn_accuracies(probe.features, p.dm.num_classes)
+    return final
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``, or the probe, or the WiSE-FT
+    choice) on val and test, write ``metrics.json`` and ``config.yaml`` into the output directory, then artifacts
+    and the export."""
+    start = time.perf_counter()
+    p = set_up(cfg)
+    final, probe, wise_start = fit_phase(cfg, p)
+    metrics = record(p, final, probe, start)
+    if p.trainer.is_global_zero:  # the fit is on record before any later phase can fail
+        write_outputs(metrics, cfg, p.out)
+    final = settle(cfg, p, final, probe, wise_start, metrics)
+    metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
+    if not p.trainer.is_global_zero:
         return metrics
-    write_outputs(metrics, cfg, out)
-    metrics["artifacts"] = [str(a) for a in module.strategy.save_artifacts(module.adapted, out)]
+    write_outputs(metrics, cfg, p.out)
+    metrics["artifacts"] = [str(a) for a in p.module.strategy.save_artifacts(p.module.adapted, p.out)]
     if cfg.get("export"):
-        metrics["artifacts"].append(str(export_final(final, cfg.export, out, metrics, cfg)))
-    write_outputs(metrics, cfg, out)
-    print(summary(metrics, out))
+        metrics["artifacts"].append(str(export_final(final, cfg.export, p.out, metrics, cfg)))
+    write_outputs(metrics, cfg, p.out)
+    print(summary(metrics, p.out))
     return metrics
 
 
