@@ -48,6 +48,10 @@ def test_probe_run_is_a_normal_checkpoint_whose_metrics_match_a_plain_loop(tiny_
     assert sorted(m["probe"]["embedded"]) == ["test", "train", "val"] and m["probe"]["cache_hits"] == []
     assert set(m["knn"]) == {"k=10", "k=20", "k=100", "k=200"} and "test" in m["knn"]["k=20"]
     assert len(_cache_files(tmp_path / "cache")) == 3
+    from visionft.export import export  # export accepts it and checks its own parity against the eager model
+
+    artifact, report = export(m["final_checkpoint"], "torchscript", tmp_path / "export")
+    assert artifact.is_file() and report["inputs"]
 
 
 def test_cache_is_reused_and_rebuilt_when_stale_or_corrupt(tiny_cfg, tmp_path, caplog):
