@@ -32,7 +32,7 @@ class Split:
     def load(self, i: int) -> np.ndarray:
         if isinstance(self.images, np.ndarray):
             return self.images[i]
-        from datamodules.imagefolder import read_rgb
+        from datamodules.images import read_rgb
 
         return read_rgb(self.images[i])
 

@@ -1,40 +1,54 @@
-"""A folder of images: ``root/{train,val,test}/<class>/*`` or one ``root/<class>/*`` split by seeded fractions."""
+"""A folder of images: ``root/{train,val,test}/<class>/*`` or one ``root/<class>/*`` split by seeded fractions.
+
+Every file is checked before training (``datamodules.images.check_files``: parallel, cached): with
+``on_bad_image=skip`` (default) unusable files are left out and listed with their reason in ``rejected`` (a run
+writes them to ``bad_images.csv``); with ``error`` the run stops before training with that list. Hidden files and
+folders (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.jpg``) are ignored; a class folder without a usable image is
+ignored with a warning."""
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from datamodules.base import ClassificationDataModule, Split
+from datamodules.images import check_files, image_extensions, read_rgb  # noqa: F401  (read_rgb: the one reader)
+
+log = logging.getLogger(__name__)
+POLICIES = ("skip", "error")
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """Read any image PIL reads as an RGB uint8 array, EXIF orientation applied."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise RuntimeError(f"cannot read image {path!r} ({e}); remove or replace the file and run again") from None
+class BadImages(ValueError):
+    def __init__(self, message: str, rejected: dict[str, str]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
+def _visible_files(folder: Path, extensions: set[str]) -> list[str]:
+    out = []
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(here, f) for f in sorted(files)
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
+    return out
 
 
 class ImageFolderDataModule(ClassificationDataModule):
-    def __init__(self, root: str | None = None, **kwargs) -> None:
+    def __init__(self, root: str | None = None, on_bad_image: str = "skip", cache_dir: str | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
-        self.root = root
+        if on_bad_image not in POLICIES:
+            raise ValueError(f"data.on_bad_image={on_bad_image!r} is not a policy; valid: {', '.join(POLICIES)}")
+        self.root, self.on_bad_image, self.cache_dir = root, on_bad_image, cache_dir
+        self.rejected: dict[str, str] = {}
 
-    def _scan(self, folder: Path, classes: list[str] | None = None) -> tuple[Split, list[str]]:
-        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
-        if classes is None:
-            classes, _ = find_classes(str(folder))
-        samples = make_dataset(str(folder), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
-                               allow_empty=True)
-        if not samples:
-            raise FileNotFoundError(f"no images found under {folder} (expected {folder}/<class>/<image>)")
-        paths, labels = zip(*samples)
-        return Split(list(paths), np.asarray(labels, dtype=np.int64)), classes
+    def _scan(self, folder: Path, classes: list[str] | None = None) -> tuple[dict[str, list[str]], list[str]]:
+        """class -> image files under ``folder/<class>/`` (hidden entries ignored)."""
+        names = classes or sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        ext = image_extensions()
+        return {c: _visible_files(folder / c, ext) if (folder / c).is_dir() else [] for c in names}, names
 
     def load_splits(self):
         if not self.root:
@@ -42,10 +56,42 @@ class ImageFolderDataModule(ClassificationDataModule):
         root = Path(self.root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"data.root={str(root)!r} does not exist: point data.root at an image folder")
-        if not (root / "train").is_dir():
-            split, classes = self._scan(root)
-            return split, None, None, classes
-        train, classes = self._scan(root / "train")
-        val = self._scan(root / "val", classes)[0] if (root / "val").is_dir() else None
-        test = self._scan(root / "test", classes)[0] if (root / "test").is_dir() else None
-        return train, val, test, classes
+        layout = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()} if (root / "train").is_dir() \
+            else {"train": root}
+        found, classes = self._scan(layout["train"])
+        scans = {"train": found, **{s: self._scan(f, classes)[0] for s, f in layout.items() if s != "train"}}
+        self._check(scans)
+        kept = [c for c in classes if scans["train"][c]]
+        for c in sorted(set(classes) - set(kept)):
+            log.warning("class folder %r has no usable image: ignored", c)
+        if not kept:
+            raise FileNotFoundError(f"no usable images found under {layout['train']} (expected "
+                                    f"{layout['train']}/<class>/<image>)")
+        splits = {s: self._split(files, kept) for s, files in scans.items()}
+        for s in ("val", "test"):
+            if s in splits and not len(splits[s]):
+                log.warning("%s/ holds no usable image of the training classes: carving %s from train instead",
+                            layout[s], s)
+                splits[s] = None
+        return splits["train"], splits.get("val"), splits.get("test"), kept
+
+    def _check(self, scans: dict[str, dict[str, list[str]]]) -> None:
+        paths = [p for files in scans.values() for ps in files.values() for p in ps]
+        self.rejected = check_files(paths, self.cache_dir)
+        if not self.rejected:
+            return
+        if self.on_bad_image == "error":
+            first = "; ".join(f"{p}: {r}" for p, r in list(self.rejected.items())[:3])
+            raise BadImages(f"{len(self.rejected)} unusable image file(s) under {self.root} ({first}"
+                            f"{'; ...' if len(self.rejected) > 3 else ''}): fix or remove them, or pass "
+                            f"data.on_bad_image=skip to train without them", self.rejected)
+        log.warning("%d unusable image file(s) skipped (data.on_bad_image=skip; listed in bad_images.csv)",
+                    len(self.rejected))
+        for files in scans.values():
+            for c, ps in files.items():
+                files[c] = [p for p in ps if p not in self.rejected]
+
+    @staticmethod
+    def _split(files: dict[str, list[str]], classes: list[str]) -> Split:
+        pairs = [(p, i) for i, c in enumerate(classes) for p in files.get(c, [])]
+        return Split([p for p, _ in pairs], np.asarray([i for _, i in pairs], dtype=np.int64))

@@ -51,7 +51,7 @@ class _Files(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from datamodules.imagefolder import read_rgb
+        from datamodules.images import read_rgb
         from datamodules.transforms import to_chw_uint8
 
         return to_chw_uint8(self.transform(image=read_rgb(str(self.paths[i])))["image"]), self.labels[i]

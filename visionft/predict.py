@@ -1,6 +1,7 @@
 """Batch inference with an exported artifact: TorchScript (torch alone), ONNX (onnxruntime) or ExportedProgram
 (torch). Preprocessing (size, interpolation, crop, mean/std) and label names come from the ``config.json`` beside
-the artifact; images are read like training images (any PIL format, EXIF orientation, converted to RGB)."""
+the artifact; images are read like training images (``datamodules.images.read_rgb``: any PIL format, EXIF
+orientation, alpha on white, 16-bit scaled, first frame), and unreadable ones are listed, not fatal."""
 from __future__ import annotations
 
 import csv
@@ -43,14 +44,15 @@ def read_config(artifact: Path) -> dict:
             "labels": cfg.get("label_names") or [str(i) for i in range(cfg["num_classes"])]}
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
 def expand(inputs: list[str]) -> list[Path]:
-    files = []
+    """Files given, and every image file under folders given (any format PIL opens; hidden entries ignored)."""
+    from datamodules.images import image_extensions
+
+    extensions, files = image_extensions(), []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in extensions and p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
         else:
             files.append(item)
     return files
@@ -73,7 +75,7 @@ def _rgb_uint8(image) -> np.ndarray:
 def predict_images(run, cfg: dict, items, topk: int = 5, batch_size: int = 64):
     """Top-k rows for ``items``: (key, image) pairs where the image is a file path (read like training images) or
     an RGB uint8 HWC array. Unreadable files are returned in ``failed`` (and logged), not fatal."""
-    from datamodules.imagefolder import read_rgb
+    from datamodules.images import BadImage, read_rgb
     from datamodules.transforms import eval_transform, normalize_uint8, to_chw_uint8
 
     transform = eval_transform(cfg["size"], cfg["interpolation"], cfg["crop_pct"])
@@ -94,7 +96,7 @@ def predict_images(run, cfg: dict, items, topk: int = 5, batch_size: int = 64):
         try:
             array = read_rgb(str(image)) if isinstance(image, (str, Path)) else _rgb_uint8(image)
             batch.append((key, to_chw_uint8(transform(image=array)["image"])))
-        except (RuntimeError, OSError) as e:
+        except (BadImage, OSError) as e:
             failed.append((str(key), str(e)))
             log.warning("skipped unreadable %s", key)
         if len(batch) == batch_size:

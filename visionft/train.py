@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from datamodules.imagefolder import BadImages
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
@@ -98,7 +99,11 @@ def set_up(cfg: DictConfig) -> Parts:
     check_options(cfg)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm, backbone, module = build(cfg)
+    try:
+        dm, backbone, module = build(cfg)
+    except BadImages as e:  # on_bad_image=error: the whole list is in the run dir
+        raise ValueError(f"{e} (all of them, with reasons: {write_rejected(e.rejected, out)})") from None
+    write_rejected(getattr(dm, "rejected", {}), out)
     if wise_alphas(cfg) and not module.strategy.gradient_fit:
         raise ValueError(f"wise.alphas interpolates between the start and the end of fine-tuning, and strategy "
                          f"{module.strategy.name} runs no gradient step: drop wise.alphas (or use strategy=lp_ft)")
@@ -186,6 +191,20 @@ def train(cfg: DictConfig) -> dict:
     write_outputs(metrics, cfg, p.out)
     print(summary(metrics, p.out))
     return metrics
+
+
+def write_rejected(rejected: dict[str, str], out: Path) -> Path | None:
+    """``bad_images.csv``: every image file the run could not use, with the reason."""
+    if not rejected:
+        return None
+    import csv
+
+    path = out / "bad_images.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(sorted(rejected.items()))
+    return path
 
 
 def wise_alphas(cfg: DictConfig) -> list[float] | None:
