@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import visionft
-from visionft.probe import ProbeSpec, knn_predict, run_probe
+from visionft.probe import ProbeSpec, knn_scores, run_probe
 from visionft.train import build, train
 
 
@@ -46,7 +46,7 @@ def test_probe_run_is_a_normal_checkpoint_whose_metrics_match_a_plain_loop(tiny_
     sd = torch.load(m["final_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     assert m["trainable_params"] == sd["model.fc.weight"].numel() + sd["model.fc.bias"].numel()  # the head only
     assert sorted(m["probe"]["embedded"]) == ["test", "train", "val"] and m["probe"]["cache_hits"] == []
-    assert set(m["knn"]) == {"k=10", "k=20", "k=100", "k=200"} and "test" in m["knn"]["k=20"]
+    assert set(m["probe"]["knn"]) == {"k=10", "k=20", "k=100", "k=200"} and "test" in m["probe"]["knn"]["k=20"]
     assert len(_cache_files(tmp_path / "cache")) == 3
     from visionft.export import export  # export accepts it and checks its own parity against the eager model
 
@@ -113,7 +113,7 @@ def test_knn_matches_scikit_learn():
     g = torch.Generator().manual_seed(0)
     bank, query = torch.randn(300, 16, generator=g), torch.randn(100, 16, generator=g)
     labels = torch.randint(0, 5, (300,), generator=g)
-    ours1 = knn_predict((bank, labels), query, 5, k=1).argmax(1).numpy()
+    ours1 = knn_scores((bank, labels), query, 5, ks=(1,))[1].argmax(1).numpy()
     ref1 = KNeighborsClassifier(1, metric="cosine").fit(bank.numpy(), labels.numpy()).predict(query.numpy())
     assert (ours1 == ref1).all()
     # k=7, DINOv2's temperature: the neighbours scikit-learn finds, each voting exp(cosine similarity / 0.07)
@@ -122,7 +122,7 @@ def test_knn_matches_scikit_learn():
     dist, idx = NearestNeighbors(n_neighbors=7, metric="cosine").fit(bank.numpy()).kneighbors(query.numpy())
     expected = np.zeros((100, 5))
     np.add.at(expected, (np.arange(100)[:, None].repeat(7, 1), labels.numpy()[idx]), np.exp((1 - dist) / 0.07))
-    ours7 = knn_predict((bank, labels), query, 5, k=7, temperature=0.07).numpy()
+    ours7 = knn_scores((bank, labels), query, 5, ks=(3, 7), temperature=0.07)[7].numpy()
     assert np.allclose(ours7, expected, rtol=1e-4) and (ours7.argmax(1) == expected.argmax(1)).all()
 
 
@@ -173,8 +173,10 @@ def test_wise_scales_the_lora_adapter(tiny_cfg, tmp_path):
 
 
 def test_wise_needs_a_fine_tuning_run(tiny_cfg, tmp_path):
-    with pytest.raises(ValueError, match="runs no gradient step"):
+    with pytest.raises(ValueError, match="leaves the backbone as it was"):
         train(tiny_cfg("strategy=linear_probe", "wise.alphas=[0,1]", output_dir=tmp_path / "run"))
+    with pytest.raises(ValueError, match="leaves the backbone as it was"):  # the gradient head too: start == end
+        train(tiny_cfg("strategy=linear_probe", "strategy.solver=adamw", "wise.alphas=[0,1]", output_dir=tmp_path / "r"))
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         train(tiny_cfg("strategy=full", "wise.alphas=[0,2]", output_dir=tmp_path / "run"))
 

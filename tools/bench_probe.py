@@ -116,7 +116,7 @@ def probe_rows(work: Path, cifar_root: Path | None, extra: list[str]) -> list[di
             "adamw_s": adamw["wall_time_s"], "adamw_vs_probe": round(adamw["wall_time_s"] / cold["wall_time_s"], 1),
             "probe_test_acc": round(acc, 4), "sklearn_test_acc": round(sk_acc, 4),
             "probe_minus_sklearn_pt": round(100 * (acc - sk_acc), 2), "adamw_test_acc": round(adamw["test"]["test/acc"], 4),
-            "knn20_test_acc": cold["knn"]["k=20"]["test"], "probe_l2": cold["probe"]["l2"], "sklearn_C": sk_c,
+            "knn20_test_acc": cold["probe"]["knn"]["k=20"]["test"], "probe_l2": cold["probe"]["l2"], "sklearn_C": sk_c,
             "probe_embed_s": cold["probe"]["embed_s"], "probe_solve_s": cold["probe"]["solve_s"],
             "bars": {"accuracy": acc >= sk_acc - 0.005, "cost": cold["wall_time_s"] <= 1.2 * raw_s,
                      "vs_adamw": adamw["wall_time_s"] >= 10 * cold["wall_time_s"],

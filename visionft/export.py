@@ -27,18 +27,19 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
     """The deployable model of a visionft checkpoint (the strategy's ``to_deployable``: adapters merged where they
     can be), its metadata and its run config."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from visionft.backbones import create_backbone
+    from visionft.checkpoints import stored_node
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if "visionft" not in ckpt:
         raise ValueError(f"{ckpt_path} is not a visionft checkpoint (no 'visionft' metadata)")
-    meta, cfg = ckpt["visionft"], OmegaConf.create(ckpt["hyper_parameters"])
+    meta = ckpt["visionft"]
     backbone = create_backbone(meta["timm_name"], meta["num_classes"], pretrained=False,
                                kwargs={k: v for k, v in meta["model_kwargs"].items() if k != "img_size"},
                                image_size=meta["model_kwargs"].get("img_size"))
-    adapted = instantiate(cfg.strategy).prepare(backbone.model, backbone)
+    adapted = instantiate(stored_node(ckpt["hyper_parameters"], "strategy", str(ckpt_path))).prepare(backbone.model,
+                                                                                                     backbone)
     adapted.model.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
     return adapted.to_deployable().eval(), meta, ckpt["hyper_parameters"]
 
@@ -46,12 +47,12 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
 def held_out_batch(hparams: dict, meta: dict, n: int = 256) -> tuple[torch.Tensor, str]:
     """Up to ``n`` normalized test images of the run's dataset, or synthetic inputs when the data is not here."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from datamodules.transforms import normalize_uint8
+    from visionft.checkpoints import stored_node
 
     try:
-        dm = instantiate(OmegaConf.create(hparams)["data"])
+        dm = instantiate(stored_node(hparams, "data", "the checkpoint"))
         dm.configure(meta["image_size"], meta["interpolation"], meta["crop_pct"])
         ds = dm.dataset("test")
         images = torch.stack([ds[i][0] for i in range(min(n, len(ds)))])

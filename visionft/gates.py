@@ -45,6 +45,10 @@ class Gates:
             p.requires_grad_(opens and trainable(name))
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
+    def trains_body(self) -> bool:
+        """Whether anything below the head ever trains (a body group opens, or an adapter inside one trains)."""
+        return any(self.depths[n] < self.n_groups - 1 for n in self.trainable)
+
     def apply(self, model: nn.Module, epoch: int, toggle_requires_grad: bool) -> list[tuple[nn.Module, bool]]:
         if toggle_requires_grad:
             for name, p in model.named_parameters():

@@ -42,15 +42,22 @@ class ProbeFit:
 @dataclass
 class ProbeRun:
     fit: ProbeFit
-    features: dict[str, Features] = field(default_factory=dict)
+    features: dict[str, Features] = field(default_factory=dict)  # train (its views), val, test
     embed_s: float = 0.0
     solve_s: float = 0.0
+    bank: Features | None = None  # train with the eval transform (the kNN bank), when train holds augmented views
+
+    def knn_bank(self) -> Features:
+        return self.bank if self.bank is not None else self.features["train"]
 
     def summary(self) -> dict:
         return {"l2": self.fit.l2, "val_acc_path": [[l2, round(a, 4)] for l2, a in self.fit.path],
                 "embed_s": round(self.embed_s, 2), "solve_s": round(self.solve_s, 2),
-                "cache_hits": sorted(s for s, f in self.features.items() if f.hit),
-                "embedded": sorted(s for s, f in self.features.items() if not f.hit)}
+                "cache_hits": sorted(s for s, f in self._all().items() if f.hit),
+                "embedded": sorted(s for s, f in self._all().items() if not f.hit)}
+
+    def _all(self) -> dict[str, Features]:
+        return {**self.features, **({"train_eval": self.bank} if self.bank is not None else {})}
 
 
 # -- the solver ------------------------------------------------------------------------------------------------
@@ -93,29 +100,27 @@ def solve(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, tor
 
 # -- kNN (DINOv2's weighted vote) ----------------------------------------------------------------------------------
 @torch.no_grad()
-def knn_predict(train: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, num_classes: int, k: int = 20,
-                temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Class scores of ``x`` by a cosine-similarity kNN over ``train``: each of the k nearest neighbours votes for
-    its class with weight exp(similarity / temperature)."""
-    bank, labels = F.normalize(train[0].float(), dim=1), train[1]
-    k = min(k, len(bank))
-    out = []
-    for q in F.normalize(x.float(), dim=1).split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(q), num_classes, dtype=sim.dtype)
-        out.append(votes.scatter_add_(1, labels[idx], (sim / temperature).exp()))
-    return torch.cat(out)
+def knn_scores(train: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, num_classes: int, ks=(20,),
+               temperature: float = 0.07, chunk: int = 1024) -> dict[int, torch.Tensor]:
+    """Class scores of ``x`` for each k by a cosine-similarity kNN over ``train``: each of the k nearest neighbours
+    votes for its class with weight exp(similarity / temperature). Neighbours are found once, for the largest k."""
+    keys, labels = F.normalize(train[0].float(), dim=1), train[1]
+    kmax = min(max(ks), len(keys))
+    sims, idxs = zip(*[(q @ keys.T).topk(kmax, dim=1) for q in F.normalize(x.float(), dim=1).split(chunk)])
+    sim, idx = torch.cat(sims), torch.cat(idxs)  # sorted by similarity: the k nearest are a prefix
+    return {k: torch.zeros(len(sim), num_classes).scatter_add_(1, labels[idx[:, :min(k, kmax)]],
+                                                              (sim[:, :min(k, kmax)] / temperature).exp())
+            for k in ks}
 
 
-def knn_accuracies(features: dict[str, Features], num_classes: int, ks=(10, 20, 100, 200),
+def knn_accuracies(bank: Features, features: dict[str, Features], num_classes: int, ks=(10, 20, 100, 200),
                    temperature: float = 0.07) -> dict[str, dict[str, float]]:
-    """kNN accuracy on val and test for each k (train features as the bank; augmented views excluded)."""
-    train = features["train"]
-    out = {}
-    for k in ks:
-        out[f"k={k}"] = {s: round((knn_predict((train.x, train.y), f.x, num_classes, k, temperature).argmax(1)
-                                   == f.y).float().mean().item(), 4)
-                         for s, f in features.items() if s != "train" and len(f.y)}
+    """kNN accuracy on val and test for each k (DINOv2's protocol; the bank: train images, eval transform)."""
+    out = {f"k={k}": {} for k in ks}
+    for split, f in features.items():
+        if split != "train" and len(f.y):
+            for k, scores in knn_scores((bank.x, bank.y), f.x, num_classes, ks, temperature).items():
+                out[f"k={k}"][split] = round((scores.argmax(1) == f.y).float().mean().item(), 4)
     return out
 
 
@@ -140,10 +145,11 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
 
 
-def _dataset_and_key(module, dm, split: str, spec: ProbeSpec, precision: str, backbone_hash: str):
-    """The split's dataset (the eval transform; ``cache_views`` seeded augmented views for train) and its cache key:
-    everything that changes its features."""
-    views = spec.cache_views if split == "train" else 0
+def _dataset_and_key(module, dm, split: str, views: int, device, precision: str, backbone_hash: str):
+    """The split's dataset (the eval transform, or ``views`` seeded augmented views) and its cache key: everything
+    that changes its features."""
+    import timm
+
     dataset = dm.dataset(split, train_aug=views > 0)
     transform = repr(dataset.transform)
     if views:
@@ -151,19 +157,26 @@ def _dataset_and_key(module, dm, split: str, spec: ProbeSpec, precision: str, ba
     data = dm.splits[split]
     key = {"backbone": module.meta["timm_name"], "model_kwargs": module.meta["model_kwargs"], "weights": backbone_hash,
            "split": split, "data": split_hash(data.images, data.labels), "transform": transform,
-           "image_size": dm.image_size, "precision": str(precision), "views": views,
-           "view_seed": dm.seed if views else None}
+           "image_size": dm.image_size, "mean": module.meta["mean"], "std": module.meta["std"],
+           "precision": str(precision), "views": views, "view_seed": dm.seed if views else None,
+           "device": torch.device(device).type, "torch": torch.__version__, "timm": timm.__version__,
+           "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+           if torch.device(device).type == "cuda" else None}
     return dataset, key
 
 
 def probe_features(module, dm, spec: ProbeSpec, cache: FeatureCache, device, precision: str,
                    backbone_hash: str) -> dict[str, Features]:
-    """Features of every split ``spec`` names: cached ones read, the others embedded in one pass (one loader, so
-    worker processes start once) and stored split by split."""
-    splits = [s for s in spec.splits if s in dm.splits and len(dm.splits[s])]
-    made = {s: _dataset_and_key(module, dm, s, spec, precision, backbone_hash) for s in splits}
+    """Features of every split ``spec`` names (and ``train_eval``, the kNN bank, with augmented views): cached ones
+    read, the others embedded in one pass (one loader, so worker processes start once) and stored one by one."""
+    entries = {s: (s, spec.cache_views if s == "train" else 0) for s in spec.splits
+               if s in dm.splits and len(dm.splits[s])}
+    if spec.cache_views:  # the kNN bank: train with the eval transform
+        entries["train_eval"] = ("train", 0)
+    made = {name: _dataset_and_key(module, dm, s, views, device, precision, backbone_hash)
+            for name, (s, views) in entries.items()}
     feats = {s: cache.read(key) for s, (_, key) in made.items()}
-    missing = [s for s in splits if feats[s] is None]
+    missing = [s for s in made if feats[s] is None]
     if missing:
         start = time.perf_counter()
         parts = [made[s][0] for s in missing]
@@ -183,20 +196,21 @@ def probe_features(module, dm, spec: ProbeSpec, cache: FeatureCache, device, pre
 def run_probe(module, dm, spec: ProbeSpec, cache_dir, device="cpu", precision: str = "32-true") -> ProbeRun:
     """Embed the splits ``spec`` names (cached), solve the head on train/val, write it into the classifier."""
     model, classifier = module.adapted.model, module.adapted.backbone.classifier
+    backbone_hash = weights_hash(model, skip=lambda n: n == classifier or n.startswith(classifier + "."))
     module.to(device)
     head = nn.Module.get_submodule(model, classifier)
-    backbone_hash = weights_hash(model, skip=lambda n: n == classifier or n.startswith(classifier + "."))
     cache = FeatureCache(cache_dir if spec.cache else None)
     start = time.perf_counter()
     feats = probe_features(module, dm, spec, cache, device, precision, backbone_hash)
+    bank = feats.pop("train_eval", None)
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
     fit = solve((feats["train"].x.to(device), feats["train"].y.to(device)),
                 (feats["val"].x.to(device), feats["val"].y.to(device)), dm.num_classes, spec.l2_grid, spec.max_iter)
     with torch.no_grad():
-        head.weight.copy_(fit.weight.to(head.weight))
+        head.weight.copy_(fit.weight.to(head.weight).view_as(head.weight))  # (C, D), or (C, D, 1, 1) for a conv head
         head.bias.copy_(fit.bias.to(head.bias))
-    run = ProbeRun(fit, feats, embed_s, time.perf_counter() - start)
+    run = ProbeRun(fit, feats, embed_s, time.perf_counter() - start, bank)
     log.info("probe head: L2 %.0e chosen on val (acc %.4f); embedding %.1f s (cached: %s), solve %.1f s",
              fit.l2, fit.val_acc, embed_s, ", ".join(run.summary()["cache_hits"]) or "none", run.solve_s)
     return run
@@ -204,12 +218,13 @@ def run_probe(module, dm, spec: ProbeSpec, cache_dir, device="cpu", precision: s
 
 def feature_metrics(module, feats: Features, stage: str) -> dict[str, float]:
     """The stage's metrics (loss, acc, macro-F1, top-5) of the model's head on cached features: what evaluating
-    the frozen backbone + head on the images gives (same transform, same precision), without a forward pass."""
+    the frozen backbone + head on the images gives (same transform, same precision; the head itself is applied in
+    fp32, as the saved checkpoint runs), without a forward pass."""
     from visionft.module import make_metrics
 
     head = nn.Module.get_submodule(module.adapted.model, module.adapted.backbone.classifier)
     with torch.no_grad():
-        logits = F.linear(feats.x, head.weight.detach().float().cpu(), head.bias.detach().float().cpu())
+        logits = F.linear(feats.x, head.weight.detach().float().cpu().flatten(1), head.bias.detach().float().cpu())
         metrics = make_metrics(logits.shape[1], f"{stage}/")(logits, feats.y)
         out = {f"{stage}/loss": F.cross_entropy(logits, feats.y).item()}
     return out | {k: float(v) for k, v in metrics.items()}

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.imagefolder import BadImages
-from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
+from visionft.build import build, build_trainer
+from visionft.checkpoints import save_weights  # noqa: F401  (train(cfg) and tests build runs with these)
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
@@ -104,9 +105,14 @@ def set_up(cfg: DictConfig) -> Parts:
     except BadImages as e:  # on_bad_image=error: the whole list is in the run dir
         raise ValueError(f"{e} (all of them, with reasons: {write_rejected(e.rejected, out)})") from None
     write_rejected(getattr(dm, "rejected", {}), out)
-    if wise_alphas(cfg) and not module.strategy.gradient_fit:
-        raise ValueError(f"wise.alphas interpolates between the start and the end of fine-tuning, and strategy "
-                         f"{module.strategy.name} runs no gradient step: drop wise.alphas (or use strategy=lp_ft)")
+    (out / "checkpoints" / "final.ckpt").unlink(missing_ok=True)  # a reused run dir's old final model is not this run's
+    if wise_alphas(cfg) and not (module.strategy.gradient_fit and module.gates.trains_body()):
+        raise ValueError(f"wise.alphas interpolates the backbone between the start and the end of fine-tuning, and "
+                         f"strategy {module.strategy.name} leaves the backbone as it was: drop wise.alphas (or use "
+                         f"strategy=lp_ft)")
+    if not module.strategy.gradient_fit and (cfg.compile or any(cfg.loss.values())):
+        log.warning("strategy %s solves its head in closed form on cached features: compile and loss.* options "
+                    "do not apply", module.strategy.name)
     if cfg.compile:
         from visionft.compile import maybe_compile
 
@@ -157,7 +163,8 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
         load_final(p.trainer, p.module, final)
     p.module.strategy.post_fit(p.module.adapted, p.trainer, p.dm)
     if wise_start is not None:
-        metrics["wise"] = wise_ft(p.module, p.trainer, p.dm, wise_start, wise_alphas(cfg), p.out, probe is not None)
+        metrics["wise"] = wise_ft(p.module, p.trainer, p.dm, wise_start, wise_alphas(cfg), p.out,
+                                  head_from_probe=p.module.strategy.head_probe() is not None)
         if p.trainer.is_global_zero:
             final = metrics["final_checkpoint"] = save_weights(p.module, p.out / "checkpoints" / "final.ckpt")
     if p.module.strategy.gradient_fit:
@@ -166,7 +173,7 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
         val, test = evaluate_features(p.trainer, p.module, probe)
     metrics.update(val={k: float(v) for k, v in val.items()}, test={k: float(v) for k, v in test.items()})
     if probe is not None:
-        metrics["knn"] = knn_accuracies(probe.features, p.dm.num_classes)
+        metrics["probe"]["knn"] = knn_accuracies(probe.knn_bank(), probe.features, p.dm.num_classes)
     return final
 
 
@@ -208,7 +215,12 @@ def write_rejected(rejected: dict[str, str], out: Path) -> Path | None:
 
 
 def wise_alphas(cfg: DictConfig) -> list[float] | None:
-    return list(cfg.get("wise", {}).get("alphas") or []) or None
+    alphas = cfg.get("wise", {}).get("alphas")
+    if alphas is None:
+        return None
+    if isinstance(alphas, (int, float)):
+        alphas = [alphas]
+    return [float(a) for a in alphas] or None
 
 
 def probe_head(cfg: DictConfig, trainer: L.Trainer, module: TransferModule, dm) -> ProbeRun | None:
@@ -229,25 +241,6 @@ def evaluate_features(trainer: L.Trainer, module: TransferModule, probe: ProbeRu
         logger.log_metrics({**val, **test}, step=0)
         logger.save()
     return val, test
-
-
-def save_weights(module: TransferModule, path: Path) -> str:
-    """The module's weights as a Lightning-format checkpoint (state_dict, hyper-parameters, visionft metadata) for
-    a final model no Trainer saved (a probe without gradient epochs, a WiSE-FT choice); written atomically."""
-    import os
-
-    import lightning
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "visionft": module.meta,
-            "epoch": module.trainer.current_epoch if module._trainer is not None else 0,
-            "global_step": module.trainer.global_step if module._trainer is not None else 0,
-            "pytorch-lightning_version": lightning.__version__}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return str(path)
 
 
 class ExportFailed(RuntimeError):

@@ -45,9 +45,13 @@ def wise_ft(module, trainer, dm, start: dict, alphas, out: Path, head_from_probe
         val = trainer.validate(module, datamodule=dm, verbose=False)[0]
         rows.append({"alpha": alpha, "val_acc": float(val["val/acc"]), "val_loss": float(val["val/loss"])})
         log.info("WiSE-FT alpha %.2f: val acc %.4f, loss %.4f", alpha, rows[-1]["val_acc"], rows[-1]["val_loss"])
+    # under DDP, rank 0 decides and its model is every rank's (logged losses are per rank)
+    rows = trainer.strategy.broadcast(rows, src=0)
     best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
-    module.model.load_state_dict(interpolate(anchor, end, best["alpha"]))
-    write_curve(rows, best["alpha"], out / "wise")
+    chosen = interpolate(anchor, end, best["alpha"])
+    module.model.load_state_dict(trainer.strategy.broadcast(chosen, src=0) if trainer.world_size > 1 else chosen)
+    if trainer.is_global_zero:
+        write_curve(rows, best["alpha"], out / "wise")
     return {"alpha": best["alpha"], "curve": rows}
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from visionft.probe import DEFAULT_GRID, ProbeSpec
 from visionft.strategies.base import Strategy
+from visionft.strategies.basic import Partial
 
 SOLVERS = ("lbfgs", "adamw")
 
@@ -18,6 +19,8 @@ class _ProbeOptions:
     max_iter: int = 500  # L-BFGS iterations per L2 strength
 
     def _check_probe(self) -> None:
+        if isinstance(self.l2_grid, (int, float)):  # strategy.l2_grid=1e-3: one strength
+            self.l2_grid = (float(self.l2_grid),)
         if self.cache_views < 0:
             raise ValueError(f"strategy.cache_views={self.cache_views} must be >= 0 (0: the eval transform only)")
         if self.l2_grid is not None and (not self.l2_grid or min(self.l2_grid) < 0):
@@ -57,7 +60,7 @@ class LinearProbe(_ProbeOptions, Strategy):
 
 
 @dataclass
-class LpFt(_ProbeOptions, Strategy):
+class LpFt(_ProbeOptions, Partial):
     """LP-FT: the head starts as the converged probe (cached features), then the backbone fine-tunes from it at a
     lower LR, with the schedule's warmup; ``freeze_depth`` input-side groups stay frozen (0: full), ``layer_decay``
     applies as for full fine-tuning."""
@@ -68,14 +71,6 @@ class LpFt(_ProbeOptions, Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_probe()
-
-    def validate(self, n_groups: int) -> None:
-        if not 0 <= self.freeze_depth <= n_groups - 1:
-            raise ValueError(f"strategy.freeze_depth={self.freeze_depth} is out of range for this backbone: it has "
-                             f"{n_groups} depth groups (stem ... head), so freeze_depth must be in 0..{n_groups - 1}")
-
-    def open_epoch(self, index: int, n_groups: int) -> int | None:
-        return None if index < self.freeze_depth else 0
 
     def head_probe(self) -> ProbeSpec | None:
         return self._spec(("train", "val"))

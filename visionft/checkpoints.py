@@ -1,0 +1,79 @@
+"""Checkpoints visionft writes and reads: the final model's weights as a Lightning-format file (written atomically),
+and the stored run config read back safely. Checkpoints are loaded weights-only, and nothing read from one is
+instantiated unless its ``_target_`` is one of visionft's own presets (``conf/<group>/*.yaml``): a checkpoint
+cannot make visionft call an arbitrary function."""
+from __future__ import annotations
+
+import os
+import socket
+from functools import cache
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_weights(module, path: Path) -> str:
+    """The module's weights as a Lightning-format checkpoint (state_dict, hyper-parameters, visionft metadata) for
+    a final model no Trainer saved (a probe without gradient epochs, a WiSE-FT choice)."""
+    import lightning
+
+    attached = module._trainer is not None
+    atomic_torch_save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                       "visionft": module.meta, "epoch": module.trainer.current_epoch if attached else 0,
+                       "global_step": module.trainer.global_step if attached else 0,
+                       "pytorch-lightning_version": lightning.__version__}, path)
+    return str(path)
+
+
+@cache
+def preset_targets(group: str) -> frozenset[str]:
+    """The ``_target_`` of every preset in visionft's config group ``group``."""
+    from importlib.resources import files
+
+    out = set()
+    for entry in files("visionft.conf").joinpath(group).iterdir():
+        if entry.name.endswith(".yaml"):
+            target = (OmegaConf.create(entry.read_text()) or {}).get("_target_")
+            if target:
+                out.add(str(target))
+    return frozenset(out)
+
+
+def _nested_targets(node, where: str) -> list[str]:
+    found = []
+    if isinstance(node, DictConfig):
+        for k, v in node.items_ex(resolve=False):
+            if k == "_target_" and where:
+                found.append(f"{where}._target_={v}")
+            found += _nested_targets(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, ListConfig):
+        for i, v in enumerate(node):
+            found += _nested_targets(v, f"{where}[{i}]")
+    return found
+
+
+def stored_node(hparams: dict, group: str, source: str) -> DictConfig:
+    """``hparams[group]`` of a checkpoint, checked before anything instantiates it: its ``_target_`` must be one of
+    visionft's presets for that group and nothing inside it may name another target."""
+    node = OmegaConf.create(hparams).get(group)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ValueError(f"{source}: its stored config has no {group} entry to rebuild from")
+    target, allowed = str(node._target_), preset_targets(group)
+    nested = _nested_targets(node, "")
+    if target not in allowed or nested:
+        bad = nested[0] if nested else f"{group}._target_={target}"
+        raise ValueError(f"{source}: refusing to instantiate {bad} from a checkpoint (allowed {group} targets: "
+                         f"{', '.join(sorted(allowed))})")
+    return node
