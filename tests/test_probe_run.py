@@ -184,3 +184,62 @@ def test_wise_needs_a_fine_tuning_run(tiny_cfg, tmp_path):
 def test_probe_beats_chance_by_far_on_learnable_data(tiny_cfg, tmp_path):
     m = train(tiny_cfg("strategy=linear_probe", output_dir=tmp_path / "run"))
     assert m["test"]["test/acc"] > 3 * 0.1 and np.isfinite(m["test"]["test/loss"])
+
+
+def test_lp_ft_head_at_the_start_of_fit_is_the_probe_on_plain_features(tiny_cfg, tmp_path):
+    """alpha = 0 keeps the start of fit: its head must be the L-BFGS solution on features a plain loop computes."""
+    from visionft.features import embed
+    from visionft.probe import solve
+
+    cfg = tiny_cfg("strategy=lp_ft", "wise.alphas=[0]", output_dir=tmp_path / "run")
+    m = train(cfg)
+    head = torch.load(m["final_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    torch.manual_seed(cfg.seed)  # train() seeds before building: the same random-init backbone
+    dm, backbone, module = build(cfg)
+    feats = {s: embed(backbone.model, torch.utils.data.DataLoader(dm.dataset(s, train_aug=False), batch_size=50),
+                      module.normalize) for s in ("train", "val")}
+    fit = solve(feats["train"], feats["val"], dm.num_classes)
+    assert torch.allclose(head["model.fc.weight"], fit.weight, atol=1e-4)
+    assert torch.allclose(head["model.fc.bias"], fit.bias, atol=1e-4)
+
+
+def test_wise_anchor_of_full_fine_tuning_is_the_pretrained_body_with_the_trained_head(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("strategy=full", "wise.alphas=[0]", output_dir=tmp_path / "run")
+    m = train(cfg)
+    chosen = torch.load(m["final_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    end = torch.load(m["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    torch.manual_seed(cfg.seed)
+    _, _, start = build(cfg)
+    start = start.state_dict()
+    for k, v in chosen.items():
+        expected = end[k] if k.startswith("model.fc.") or not v.is_floating_point() else start[k]
+        assert torch.equal(v, expected), k
+    assert any(not torch.equal(end[k], start[k]) for k in end  # the body did move
+               if not k.startswith("model.fc.") and end[k].is_floating_point())
+
+
+@pytest.mark.parametrize("change", ["data.eval_crop_pct=0.8", "trainer.precision=bf16-mixed",
+                                    "backbone.kwargs.drop_rate=0.0"])
+def test_what_changes_features_misses_the_cache(tiny_cfg, tmp_path, change):
+    base = ["strategy=linear_probe", f"paths.cache_dir={tmp_path / 'cache'}"]
+    train(tiny_cfg(*base, output_dir=tmp_path / "a"))
+    override = change if not change.startswith("backbone.kwargs") else "+" + change
+    m = train(tiny_cfg(*base, override, output_dir=tmp_path / "b"))
+    assert m["probe"]["embedded"] == ["test", "train", "val"], change
+
+
+def test_knn_bank_is_the_eval_transform_whatever_the_views(tiny_cfg, tmp_path):
+    base = ["strategy=linear_probe", f"paths.cache_dir={tmp_path / 'cache'}", "data.augment.name=crop_flip"]
+    plain = train(tiny_cfg(*base, output_dir=tmp_path / "a"))
+    views = train(tiny_cfg(*base, "strategy.cache_views=2", output_dir=tmp_path / "b"))
+    assert views["probe"]["knn"] == plain["probe"]["knn"]
+    assert views["probe"]["cache_hits"] == ["test", "train_eval", "val"]  # val, test and the bank: the same entries
+
+
+def test_a_reused_run_dir_forgets_its_old_final_model(tiny_cfg, tmp_path):
+    train(tiny_cfg("strategy=linear_probe", output_dir=tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "final.ckpt").exists()
+    m = train(tiny_cfg("strategy=full", output_dir=tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints" / "final.ckpt").exists() and m["final_checkpoint"].endswith("best.ckpt")
+    loaded = torch.load(m["final_checkpoint"], map_location="cpu", weights_only=True)
+    assert loaded["hyper_parameters"]["strategy"]["_target_"].endswith("Full")
