@@ -44,13 +44,18 @@ def test_embed_a_labelled_folder_gives_the_features_the_checkpoint_classifies(ru
 
 def test_embed_a_dataset_split(run, tmp_path):
     cfg, m = run
+    dm, _, _ = build(cfg)
+    dm.setup()
     done = _cli("--ckpt", m["best_checkpoint"], "--data", "synthetic", "--split", "test", "--out", tmp_path / "t.npz",
                 "data.num_classes=3", "data.train_size=160", "data.test_size=40", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     d = np.load(tmp_path / "t.npz")
-    dm, _, _ = build(cfg)
-    dm.setup()
     assert np.array_equal(d["labels"], dm.splits["test"].labels) and d["features"].shape[0] == 40
+    # --data run: the checkpoint's own data config and splits (its val split, not a preset's defaults)
+    done = _cli("--ckpt", m["best_checkpoint"], "--data", "run", "--split", "val", "--out", tmp_path / "v.npz",
+                cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(tmp_path / "v.npz")["labels"], dm.splits["val"].labels)
 
 
 def test_embed_errors_are_one_line(run, tmp_path):

@@ -52,13 +52,15 @@ def embed_main(argv: list[str]) -> int:
     model.add_argument("--backbone", help="a backbone preset (conf/backbone) or any timm name, pretrained weights")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--inputs", nargs="+", help="image files and/or folders (<folder>/<class>/... gives labels)")
-    source.add_argument("--data", help="a dataset preset (conf/data), e.g. digits; extra Hydra overrides after it")
+    source.add_argument("--data", help="a dataset preset (conf/data), e.g. digits, or `run`: the --ckpt run's own "
+                        "data and splits; data.* overrides may follow")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split of --data")
     p.add_argument("--out", required=True, help="features.npz (features, labels, paths, classes) or .parquet")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for --data, e.g. data.root=/path")
     a = p.parse_args(argv)
-    done = embed_command(a.out, a.inputs, a.data, a.split, a.ckpt, a.backbone, a.batch_size, a.overrides)
+    done = embed_command(a.out, a.inputs, a.data, a.split, a.ckpt, a.backbone, a.batch_size, a.overrides, a.device)
     print(f"{done['images']} images embedded ({done['dim']} features each), written to {done['out']}")
     return 0
 

@@ -13,17 +13,18 @@ log = logging.getLogger(__name__)
 
 
 def model_and_preprocessing(ckpt: str | None, backbone: str | None, image_size: int | None = None):
-    """(model, preprocessing dict) from a visionft checkpoint, or from a backbone preset / timm name."""
+    """(model, preprocessing dict, stored run config or None) from a visionft checkpoint, or from a backbone preset
+    or timm name."""
     from visionft.predict import preprocessing_of
 
     if ckpt:
         from visionft.export import load_trained
 
-        model, meta, _ = load_trained(ckpt)
+        model, meta, hparams = load_trained(ckpt)
         if not hasattr(model, "forward_head"):
             raise ValueError(f"{ckpt}: its deployable model ({type(model).__name__}) has no pre-logit features to "
                              f"embed; embed its backbone instead with --backbone {meta['timm_name']}")
-        return model.eval(), preprocessing_of(meta)
+        return model.eval(), preprocessing_of(meta), hparams
     from hydra.utils import instantiate
 
     from visionft.api import compose
@@ -37,7 +38,7 @@ def model_and_preprocessing(ckpt: str | None, backbone: str | None, image_size: 
     meta = {"image_size": int(dc["input_size"][-1]), "interpolation": dc["interpolation"],
             "crop_pct": float(dc.get("crop_pct", 1.0)), "mean": dc["mean"], "std": dc["std"], "classes": []}
     log.info("backbone %s (weights: %s)", made.name, made.weights)
-    return made.model.eval(), preprocessing_of(meta)
+    return made.model.eval(), preprocessing_of(meta), None
 
 
 class _Files(torch.utils.data.Dataset):
@@ -73,13 +74,23 @@ def folder_items(inputs: list[str]) -> tuple[list[Path], list[int], list[str]]:
     return [p for p, _ in items], [classes.index(c) if c is not None else -1 for _, c in items], classes
 
 
-def dataset_items(data: str, split: str, overrides: list[str], prep: dict):
-    """A split of a configured datamodule (``conf/data``), with the model's evaluation geometry."""
+def dataset_items(data: str, split: str, overrides: list[str], prep: dict, hparams: dict | None):
+    """A split of a configured datamodule (``conf/data``; ``run``: the checkpoint's own data config, so its splits),
+    with the model's evaluation geometry."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from visionft.api import compose
+    from visionft.checkpoints import stored_node
 
-    dm = instantiate(compose([f"data={data}", *overrides]).data)
+    if data == "run":
+        if hparams is None:
+            raise ValueError("--data run takes the data config stored in --ckpt: pass --ckpt, or a dataset preset")
+        node = OmegaConf.merge(stored_node(hparams, "data", "--ckpt"), OmegaConf.from_dotlist(
+            [o.removeprefix("data.") for o in overrides]))
+        dm = instantiate(stored_node({"data": node}, "data", "--ckpt"))
+    else:
+        dm = instantiate(compose([f"data={data}", *overrides]).data)
     dm.configure(prep["size"], prep["interpolation"], prep["crop_pct"])
     dm.eval_crop_pct = prep["crop_pct"]
     dm.setup()
@@ -108,9 +119,8 @@ def write(out: Path, feats: torch.Tensor, labels: torch.Tensor, paths: list[str]
 
 def embed_command(out: str, inputs: list[str] | None = None, data: str | None = None, split: str = "test",
                   ckpt: str | None = None, backbone: str | None = None, batch_size: int = 64,
-                  overrides: list[str] = ()) -> dict:
+                  overrides: list[str] = (), device: str | None = None) -> dict:
     from visionft.features import embed
-    from datamodules.transforms import normalize_uint8
 
     if bool(ckpt) == bool(backbone):
         raise ValueError("pass one of --ckpt (a trained visionft checkpoint) or --backbone (a preset or timm name)")
@@ -123,13 +133,16 @@ def embed_command(out: str, inputs: list[str] | None = None, data: str | None = 
         from visionft.api import compose
 
         size = compose([f"data={data}", *overrides]).data.get("image_size")
-    model, prep = model_and_preprocessing(ckpt, backbone, size)
+    model, prep, hparams = model_and_preprocessing(ckpt, backbone, size)
     if inputs:
         paths, labels, classes = folder_items(inputs)
         dataset, paths = _Files(paths, labels, prep), [str(p) for p in paths]
     else:
-        dataset, paths, classes = dataset_items(data, split, list(overrides), prep)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    feats, labels = embed(model, loader, lambda x: normalize_uint8(x, prep["mean"], prep["std"]), progress="embed")
+        dataset, paths, classes = dataset_items(data, split, list(overrides), prep, hparams)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda")
+    mean = torch.tensor(prep["mean"], device=device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(prep["std"], device=device).view(1, -1, 1, 1) * 255
+    feats, labels = embed(model.to(device), loader, lambda x: (x.float() - mean) / std, device, progress="embed")
     write(Path(out), feats, labels, paths, classes)
     return {"out": str(out), "images": len(paths), "dim": int(feats.shape[1]), "classes": classes}
