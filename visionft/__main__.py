@@ -23,7 +23,8 @@ USER_ERRORS = (FileNotFoundError, ValueError)
 
 @hydra.main(config_path="pkg://visionft.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from visionft.callbacks import NonFiniteLoss
+    from visionft.callbacks import Interrupted, NonFiniteLoss
+    from visionft.checkpoints import DiskFull
     from visionft.train import ExportFailed, train
     from visionft.weights import WeightsUnavailable
 
@@ -43,7 +44,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         cause = e.__cause__ or e
         print(f"error: {str(cause).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(2)
-    except (WeightsUnavailable, NonFiniteLoss, *USER_ERRORS) as e:
+    except Interrupted as e:  # preemption or Ctrl+C: the checkpoint is saved, the exit code says which signal
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (WeightsUnavailable, NonFiniteLoss, DiskFull, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except ExportFailed as e:  # the run is saved; the exporter's own traceback is logged above this line

@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from visionft.callbacks import NanGuard, TrainThroughput
+from visionft.callbacks import NanGuard, Preemption, TrainThroughput
+from visionft.checkpoints import AtomicCheckpointIO
 from visionft.loggers import ResumableCSVLogger
 from visionft.module import TrainOptions, TransferModule
 
@@ -77,7 +78,8 @@ def instantiate_entries(node: DictConfig | None, group: str) -> list:
 
 
 def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoint, TrainThroughput]:
-    """The Trainer with the configured callbacks and loggers, plus visionft's throughput meter and NaN guard.
+    """The Trainer with the configured callbacks and loggers, plus visionft's throughput meter, NaN guard,
+    preemption handler and atomic checkpoint writer.
     Returns it with the monitored ("best") checkpoint callback and the throughput meter."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if kwargs.get("precision") == "auto":
@@ -95,6 +97,7 @@ def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoin
     for lg in loggers:  # a resumed run continues its CSV history
         if isinstance(lg, ResumableCSVLogger):
             lg.append = bool(cfg.resume or cfg.ckpt_path)
-    trainer = L.Trainer(default_root_dir=out, callbacks=[*callbacks, speed, NanGuard()], logger=loggers or False,
-                        deterministic=bool(cfg.deterministic), **kwargs)
+    trainer = L.Trainer(default_root_dir=out, callbacks=[*callbacks, speed, NanGuard(), Preemption()],
+                        logger=loggers or False, deterministic=bool(cfg.deterministic),
+                        plugins=[AtomicCheckpointIO(), *kwargs.pop("plugins", [])], **kwargs)
     return trainer, best, speed

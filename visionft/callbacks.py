@@ -1,11 +1,16 @@
-"""Small callbacks: training throughput (images/s over training batches only) and a per-epoch NaN guard."""
+"""Small callbacks: training throughput (images/s over training batches only), a per-epoch NaN guard, and
+preemption (SIGTERM, Ctrl+C) turned into a resumable checkpoint."""
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class NonFiniteLoss(RuntimeError):
@@ -60,3 +65,46 @@ class NanGuard(L.Callback):
                 f"training loss is {float(loss)} in epoch {trainer.current_epoch}: lower strategy.lr, set "
                 f"trainer.gradient_clip_val=1.0, or use trainer.precision=32-true"
             )
+
+
+class Interrupted(RuntimeError):
+    """Training stopped by a signal; a resumable checkpoint was saved."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(getattr(signal, signal_name))
+
+
+class Preemption(L.Callback):
+    """SIGTERM (a scheduler's preemption) and a first Ctrl+C stop training at the next batch boundary (a second
+    Ctrl+C stops at once); ``last.ckpt`` is then saved mid-epoch, so ``resume=true`` continues from that step."""
+
+    def __init__(self) -> None:
+        self.signal_name, self.saved, self._previous = "SIGTERM", None, None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop_soon(signum, frame):
+            if self.signal_name == "SIGINT":  # pressed twice: stop now
+                raise KeyboardInterrupt
+            self.signal_name = "SIGINT"
+            trainer._signal_connector.received_sigterm = True  # Lightning's loops stop at the next batch boundary
+
+        self._previous = signal.signal(signal.SIGINT, stop_soon)
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+        if isinstance(exception, SIGTERMException):
+            path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            trainer.save_checkpoint(path)
+            self.saved = path

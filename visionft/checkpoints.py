@@ -4,24 +4,55 @@ instantiated unless its ``_target_`` is one of visionft's own presets (``conf/<g
 cannot make visionft call an arbitrary function."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from functools import cache
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
+class DiskFull(OSError):
+    """No space (or quota) left while writing a checkpoint; the previous checkpoint at that path is intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a crash leaves the old file or the new one."""
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it: a crash or a
+    failed write (full disk) leaves the previous file, never a truncated one, at ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(e.errno, f"no space left on the device writing {path} (the previous checkpoint there "
+                                    f"is intact): free space, then resume with resume=true") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with atomic writes (``atomic_torch_save``) and weights-only loads."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if "://" in str(path):  # remote storage (fsspec): Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, Path(path))
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def save_weights(module, path: Path) -> str:

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.imagefolder import BadImages
-from visionft.build import build, build_trainer
-from visionft.checkpoints import save_weights  # noqa: F401  (train(cfg) and tests build runs with these)
+from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
+from visionft.callbacks import Interrupted, Preemption
+from visionft.checkpoints import save_weights
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
@@ -131,7 +133,14 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
     if not p.module.strategy.gradient_fit:
         return (save_weights(p.module, p.out / "checkpoints" / "final.ckpt") if p.trainer.is_global_zero else "",
                 probe, wise_start)
-    p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume_path(cfg, p.out))
+    try:
+        p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume_path(cfg, p.out))
+    except SIGTERMException:
+        stop = next(c for c in p.trainer.callbacks if isinstance(c, Preemption))
+        raise Interrupted(f"{stop.signal_name} received: stopped at epoch {p.trainer.current_epoch}, step "
+                          f"{p.trainer.global_step}; resumable checkpoint {stop.saved}. Resume with: python -m "
+                          f"visionft <the same overrides> resume=true paths.output_dir={p.out}",
+                          stop.signal_name) from None
     best = p.ckpt.best_model_path if p.ckpt is not None else ""
     return best or str(p.out / "checkpoints" / "last.ckpt"), probe, wise_start
 

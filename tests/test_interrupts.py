@@ -1,0 +1,80 @@
+"""Preemption and failed writes lose nothing: SIGTERM/Ctrl+C save a resumable checkpoint and exit non-zero with the
+command that resumes; a checkpoint write that fails (full disk) leaves the previous checkpoint loadable."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import TINY
+
+SLOW_TINY = [o for o in TINY if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=200"]
+
+
+def _launch(tmp_path, *extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "visionft", *SLOW_TINY, *extra, f"paths.output_dir={tmp_path / 'run'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+
+
+def _wait_for(path, proc, timeout=120):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_resumable_checkpoint_and_exits_nonzero(tmp_path, sig, code):
+    proc = _launch(tmp_path)
+    _wait_for(tmp_path / "run" / "checkpoints" / "last.ckpt", proc)  # training is under way (epoch 1 done)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"stopped: {sig.name} received") and "resume=true" in line
+    assert "Traceback" not in err
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    step = ckpt["global_step"]
+    assert f"step {step};" in line and step > 0
+    resumed = subprocess.run([sys.executable, "-m", "visionft", *TINY, "trainer.max_epochs=" + str(ckpt["epoch"] + 2),
+                              "resume=true", f"paths.output_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                             cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_cfg, tmp_path, monkeypatch, capsys):
+    import visionft.checkpoints as ck
+    from visionft.__main__ import main
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def fails_on_second_epoch(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:  # epoch 0 wrote best.ckpt and last.ckpt; epoch 1's writes hit a full disk midway
+            f.write(b"partial bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", fails_on_second_epoch)
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["visionft", *TINY, "trainer.max_epochs=3", f"paths.output_dir={out}"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no space left on the device writing") and "resume=true" in err[-1]
+    for name in ("best.ckpt", "last.ckpt"):  # the epoch-0 files are intact and load
+        ckpt = torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert ckpt["epoch"] == 0 and ckpt["state_dict"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
