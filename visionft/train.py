@@ -2,7 +2,6 @@
 final model, outputs, artifacts, export). Tests and the Python API call it in-process."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from datamodules.imagefolder import BadImages
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
@@ -20,6 +19,7 @@ from visionft.checkpoints import save_weights
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
+from visionft.outputs import ExportFailed, export_final, summary, write_outputs, write_rejected  # noqa: F401
 from visionft.wise import snapshot, wise_ft
 
 log = logging.getLogger(__name__)
@@ -209,20 +209,6 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-def write_rejected(rejected: dict[str, str], out: Path) -> Path | None:
-    """``bad_images.csv``: every image file the run could not use, with the reason."""
-    if not rejected:
-        return None
-    import csv
-
-    path = out / "bad_images.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        w.writerows(sorted(rejected.items()))
-    return path
-
-
 def wise_alphas(cfg: DictConfig) -> list[float] | None:
     alphas = cfg.get("wise", {}).get("alphas")
     if alphas is None:
@@ -250,36 +236,3 @@ def evaluate_features(trainer: L.Trainer, module: TransferModule, probe: ProbeRu
         logger.log_metrics({**val, **test}, step=0)
         logger.save()
     return val, test
-
-
-class ExportFailed(RuntimeError):
-    pass
-
-
-def export_final(ckpt: str, fmt: str, out: Path, metrics: dict, cfg: DictConfig) -> Path:
-    from visionft.export import export
-
-    try:
-        artifact, report = export(ckpt, fmt, out / "export" / fmt)
-    except Exception as e:
-        metrics["export_error"] = f"{type(e).__name__}: {e}"
-        write_outputs(metrics, cfg, out)
-        raise ExportFailed(f"export={fmt} failed after training ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                           f"the run is saved (metrics.json, config.yaml, checkpoints in {out}): retry with "
-                           f"`visionft export --ckpt {ckpt} --format {fmt}`") from e
-    worst = max(v["max_abs_diff"] for v in report.values() if isinstance(v, dict))
-    log.info("exported %s: parity on %s, max |logit diff| %.2e", artifact, report["inputs"], worst)
-    return artifact
-
-
-def write_outputs(metrics: dict, cfg: DictConfig, out: Path) -> None:
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-
-def summary(m: dict, out: Path) -> str:
-    t = m["test"]
-    return (f"\n{m['strategy']} on {m['backbone']} ({m['weights']}): test acc {t.get('test/acc', float('nan')):.4f}"
-            f", macro-F1 {t.get('test/f1_macro', float('nan')):.4f}; trainable {m['trainable_params']:,} of "
-            f"{m['total_params']:,} params; {m['train_images_per_s']:.0f} train img/s; {m['wall_time_s']:.0f} s\n"
-            f"outputs: {out}\n")

@@ -1,0 +1,58 @@
+"""What a run leaves in its output directory: ``metrics.json`` and ``config.yaml`` (rewritten as phases finish),
+``bad_images.csv``, the export, and the summary line."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("visionft.train")
+
+
+def write_rejected(rejected: dict[str, str], out: Path) -> Path | None:
+    """``bad_images.csv``: every image file the run could not use, with the reason."""
+    if not rejected:
+        return None
+    import csv
+
+    path = out / "bad_images.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(sorted(rejected.items()))
+    return path
+
+
+class ExportFailed(RuntimeError):
+    pass
+
+
+def export_final(ckpt: str, fmt: str, out: Path, metrics: dict, cfg: DictConfig) -> Path:
+    from visionft.export import export
+
+    try:
+        artifact, report = export(ckpt, fmt, out / "export" / fmt)
+    except Exception as e:
+        metrics["export_error"] = f"{type(e).__name__}: {e}"
+        write_outputs(metrics, cfg, out)
+        raise ExportFailed(f"export={fmt} failed after training ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                           f"the run is saved (metrics.json, config.yaml, checkpoints in {out}): retry with "
+                           f"`visionft export --ckpt {ckpt} --format {fmt}`") from e
+    worst = max(v["max_abs_diff"] for v in report.values() if isinstance(v, dict))
+    log.info("exported %s: parity on %s, max |logit diff| %.2e", artifact, report["inputs"], worst)
+    return artifact
+
+
+def write_outputs(metrics: dict, cfg: DictConfig, out: Path) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def summary(m: dict, out: Path) -> str:
+    t = m["test"]
+    return (f"\n{m['strategy']} on {m['backbone']} ({m['weights']}): test acc {t.get('test/acc', float('nan')):.4f}"
+            f", macro-F1 {t.get('test/f1_macro', float('nan')):.4f}; trainable {m['trainable_params']:,} of "
+            f"{m['total_params']:,} params; {m['train_images_per_s']:.0f} train img/s; {m['wall_time_s']:.0f} s\n"
+            f"outputs: {out}\n")
