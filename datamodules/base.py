@@ -66,6 +66,22 @@ def per_class_subset(split: Split, per_class: int, seed: int) -> Split:
     return split.subset(np.sort(np.concatenate(keep)))
 
 
+def _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_fraction, per_class) -> None:
+    problems = [
+        (not isinstance(batch_size, int) or batch_size < 1, f"data.batch_size={batch_size} must be an integer >= 1"),
+        (eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1),
+         f"data.eval_batch_size={eval_batch_size} must be an integer >= 1 (or null: 2 x batch_size)"),
+        (not isinstance(num_workers, int) or num_workers < 0, f"data.num_workers={num_workers} must be >= 0"),
+        (not 0 < val_fraction < 1, f"data.val_fraction={val_fraction} must be in (0, 1)"),
+        (not 0 < test_fraction < 1, f"data.test_fraction={test_fraction} must be in (0, 1)"),
+        (per_class is not None and (not isinstance(per_class, int) or per_class < 1),
+         f"data.per_class={per_class} must be an integer >= 1 (images per class), or null for all"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Base datamodule. Subclasses implement ``load_splits()`` returning ``(train, val, test, classes)`` where
     val/test may be None: a missing test split is carved from train by ``test_fraction``, a missing val split by
@@ -90,6 +106,7 @@ class ClassificationDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
+        _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_fraction, per_class)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.val_fraction, self.test_fraction = val_fraction, test_fraction

@@ -63,6 +63,12 @@ def main() -> None:
         from visionft.cli import run
 
         sys.exit(run(sys.argv[1], sys.argv[2:]))
+    from visionft.preflight import check
+
+    problem = check(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

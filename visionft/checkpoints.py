@@ -55,6 +55,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+def read_checkpoint(path, what: str = "checkpoint") -> dict:
+    """A checkpoint loaded weights-only (plain tensors and containers; nothing unpickled can run code), or a
+    one-line ValueError saying why it cannot be used."""
+    import pickle
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what}={path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise ValueError(f"{what}={path} holds pickled Python objects, which visionft never loads (unpickling "
+                             f"can run code): use a checkpoint saved with plain tensors (any visionft checkpoint)") from None
+        raise ValueError(f"{what}={path} is not a readable checkpoint ({str(e).splitlines()[0][:100]}): it is "
+                         f"corrupt or truncated; use another one (best.ckpt, last.ckpt)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{what}={path} is not a readable checkpoint ({str(e).splitlines()[0][:100]}): it is "
+                         f"corrupt or truncated; use another one (best.ckpt, last.ckpt)") from None
+
+
+def check_fits(ckpt: dict, module, what: str) -> None:
+    """Refuse, in one line, a checkpoint whose weights do not fit the model this run built (another dataset's
+    classes, another backbone or strategy)."""
+    mine, theirs = module.state_dict(), ckpt.get("state_dict", {})
+    shapes = [f"{k} is {tuple(theirs[k].shape)} there, {tuple(v.shape)} here" for k, v in mine.items()
+              if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
+    missing, extra = [k for k in mine if k not in theirs], [k for k in theirs if k not in mine]
+    if shapes or missing or extra:
+        detail = shapes[:2] or [f"missing {', '.join(missing[:2])}" if missing else f"unexpected {', '.join(extra[:2])}"]
+        raise ValueError(f"{what} does not fit the model of this run ({'; '.join(detail)}): resume with the "
+                         f"overrides that run used (data, backbone, strategy), or start a new run without it")
+
+
 def save_weights(module, path: Path) -> str:
     """The module's weights as a Lightning-format checkpoint (state_dict, hyper-parameters, visionft metadata) for
     a final model no Trainer saved (a probe without gradient epochs, a WiSE-FT choice)."""

@@ -31,7 +31,9 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
     from visionft.backbones import create_backbone
     from visionft.checkpoints import stored_node
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    from visionft.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(ckpt_path, "--ckpt")
     if "visionft" not in ckpt:
         raise ValueError(f"{ckpt_path} is not a visionft checkpoint (no 'visionft' metadata)")
     meta = ckpt["visionft"]

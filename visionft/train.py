@@ -15,7 +15,7 @@ from omegaconf import DictConfig, open_dict
 from datamodules.imagefolder import BadImages
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
 from visionft.callbacks import Interrupted, Preemption
-from visionft.checkpoints import save_weights
+from visionft.checkpoints import check_fits, read_checkpoint, save_weights
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
@@ -133,8 +133,12 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
     if not p.module.strategy.gradient_fit:
         return (save_weights(p.module, p.out / "checkpoints" / "final.ckpt") if p.trainer.is_global_zero else "",
                 probe, wise_start)
+    resume = resume_path(cfg, p.out)
+    if resume:
+        check_fits(read_checkpoint(resume, "ckpt_path" if cfg.ckpt_path else "resume=true: last.ckpt"), p.module,
+                   f"the checkpoint {resume}")
     try:
-        p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume_path(cfg, p.out))
+        p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume)
     except SIGTERMException:
         stop = next(c for c in p.trainer.callbacks if isinstance(c, Preemption))
         raise Interrupted(f"{stop.signal_name} received: stopped at epoch {p.trainer.current_epoch}, step "

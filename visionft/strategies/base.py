@@ -42,6 +42,8 @@ class Strategy:
     uses_pretrained: ClassVar[bool] = True  # False: the backbone is built with random init
 
     def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"strategy.lr={self.lr} must be > 0 (e.g. strategy.lr=5e-4)")
         if self.bn not in BN_POLICIES:
             raise ValueError(f"strategy.bn={self.bn!r} is not a BatchNorm policy; valid: {', '.join(BN_POLICIES)}")
         if not 0.0 < self.layer_decay <= 1.0:

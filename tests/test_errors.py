@@ -1,0 +1,86 @@
+"""One-line errors through the real CLI: exit 2, one line naming the problem and the fix, no traceback, and (for
+everything the command line says) before any model is built."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY
+
+
+def _cli(args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "visionft", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+
+
+CASES = {
+    "unknown option": (["strategy=nope"], "strategy=nope is not an option of the strategy group; valid: bitfit,"),
+    "unknown option in a sweep": (["-m", "strategy=full,nope"], "strategy=nope is not an option"),
+    "unknown option in a list": (["logger=[csv,nope]"], "valid: csv, mlflow, none, tensorboard, wandb"),
+    "group typo": (["stratgy=full"], "unknown key stratgy: did you mean strategy?"),
+    "key typo": (["trainer.max_epoch=3"], "unknown key trainer.max_epoch: did you mean trainer.max_epochs?"),
+    "wrong type": (["trainer.max_epochs=abc"], "trainer.max_epochs=abc must be int (the default is 8)"),
+    "wrong type, float": (["strategy.lr=fast"], "strategy.lr=fast must be float"),
+    "per_class <= 0": (["data.per_class=0"], "data.per_class=0 must be an integer >= 1"),
+    "lr <= 0": (["strategy=lora", "strategy.lr=-1e-3"], "strategy.lr=-0.001 must be > 0"),
+    "batch size": (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
+    "unwritable output dir": (["paths.output_dir=/proc/visionft"], "paths.output_dir=/proc/visionft cannot be written"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_command_line_mistakes_are_one_line_before_any_model(case, tmp_path):
+    args, expected = CASES[case]
+    r = _cli([*args, *(["paths.output_dir=" + str(tmp_path / "run")] if "output_dir" not in " ".join(args) else [])],
+             tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+    assert "Traceback" not in r.stderr and "backbone tf_" not in r.stdout + r.stderr  # no model was built
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
+
+
+def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
+    r = _cli(["trainer.max_epoch=3"], tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def three_class_ckpt(tmp_path_factory):
+    from conftest import compose_cfg
+    from visionft.train import train
+
+    out = tmp_path_factory.mktemp("three")
+    return train(compose_cfg([*TINY, "data.num_classes=3"], out))["best_checkpoint"]
+
+
+def _bad_file(tmp_path, kind):
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "corrupt":
+        path.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    else:  # pickled Python objects (a class instance): refused by the weights-only loader
+
+        torch.save({"state_dict": {}, "payload": __import__("argparse").Namespace(run="code")}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, expected", [("corrupt", "is not a readable checkpoint"),
+                                            ("pickled", "holds pickled Python objects")])
+def test_unusable_checkpoints_are_one_line(tmp_path, kind, expected):
+    bad = _bad_file(tmp_path, kind)
+    for args in ([*TINY, f"ckpt_path={bad}", f"paths.output_dir={tmp_path / 'run'}"],
+                 ["export", "--ckpt", str(bad), "--format", "torchscript"]):
+        r = _cli(args, tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+        assert expected in r.stderr.strip().splitlines()[-1]
+
+
+def test_a_checkpoint_of_another_class_count_is_refused(three_class_ckpt, tmp_path):
+    r = _cli([*TINY, "data.num_classes=4", f"ckpt_path={three_class_ckpt}", f"paths.output_dir={tmp_path / 'run'}"],
+             tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "does not fit the model of this run" in last and "(3, " in last and "(4, " in last

@@ -1,0 +1,147 @@
+"""The command line checked before Hydra runs anything, so that a typo costs one line and no model is built:
+unknown group options (listing the valid ones), unknown keys (suggesting the closest existing keys), values of the
+wrong type (against the composed default), and an output folder that cannot be written. ``HYDRA_FULL_ERROR=1``
+skips these checks and shows Hydra's own report."""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PASS_THROUGH = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
+                "--shell-completion", "-sc", "--version", "--experimental-rerun")
+
+
+def _split(argv: list[str]) -> tuple[list[str], str | None] | None:
+    """(overrides, config dir) of a command line, or None when it is not a plain run or multirun."""
+    overrides, config_dir, it = [], None, iter(argv)
+    for a in it:
+        if a in PASS_THROUGH or a.startswith(("--config-name", "-cn", "--config-path", "-cp")):
+            return None
+        if a in ("--config-dir", "-cd"):
+            config_dir = next(it, None)
+        elif a.startswith("--config-dir="):
+            config_dir = a.split("=", 1)[1]
+        elif a not in ("-m", "--multirun"):
+            overrides.append(a)
+    return overrides, config_dir
+
+
+def group_options(group: str, config_dir: str | None = None) -> list[str]:
+    """The options of a config group: visionft's presets plus a user config dir's."""
+    from importlib.resources import files
+
+    found = {p.name[:-5] for p in files("visionft.conf").joinpath(group).iterdir() if p.name.endswith(".yaml")} \
+        if files("visionft.conf").joinpath(group).is_dir() else set()
+    if config_dir and (Path(config_dir) / group).is_dir():
+        found |= {p.stem for p in (Path(config_dir) / group).glob("*.yaml")}
+    return sorted(found)
+
+
+def _first_values(overrides: list[str], config_dir: str | None) -> tuple[list[str], str | None]:
+    """Each sweep override (a,b,c or range(...)) replaced by its first value (the config one job composes), and
+    the first sweep value of a group that is not one of its options."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out, problem = [], None
+    for raw, o in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        if o.is_sweep_override():
+            values = list(o.sweep_string_iterator())
+            key = o.get_key_element()
+            options = group_options(key, config_dir) if "." not in key else []
+            bad = [v for v in values if options and v not in options]
+            if bad and problem is None:
+                problem = f"{key}={bad[0]} is not an option of the {key} group; valid: {', '.join(options)}"
+            out.append(f"{key}={values[0]}")
+        else:
+            out.append(raw)
+    return out, problem
+
+
+def _compose(overrides: list[str], config_dir: str | None) -> DictConfig:
+    from visionft.api import compose
+
+    return compose(overrides, config_dir=config_dir)
+
+
+def _closest(key: str, base: DictConfig) -> list[str]:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    if not isinstance(node, DictConfig):
+        return []
+    names = [str(k) for k in node.keys()]
+    return [f"{parent}.{n}" if parent else n for n in difflib.get_close_matches(leaf, names, n=3, cutoff=0.6)]
+
+
+def _type_error(key: str, default, value, raw: str) -> str | None:
+    if default is None or value is None or isinstance(default, (DictConfig, list)) or key.startswith("hydra."):
+        return None
+    expected = type(default)
+    ok = (isinstance(value, bool) if expected is bool else
+          isinstance(value, int) and not isinstance(value, bool) if expected is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else True)
+    if ok:
+        return None
+    return f"{raw} must be {expected.__name__} (the default is {default!r})"
+
+
+def _unwritable(path: str | None) -> str | None:
+    """Create the output folder (the run would) and a file in it; the reason when that fails."""
+    import tempfile
+
+    if not path:
+        return None
+    try:
+        Path(path).expanduser().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=Path(path).expanduser()):
+            pass
+    except OSError as e:
+        return f"paths.output_dir={path} cannot be written ({e.strerror}): choose a folder you can write to"
+    return None
+
+
+def check(argv: list[str]) -> str | None:
+    """The first problem of the command line, as one line naming it and the fix; None when it is fine."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    split = _split(argv)
+    if split is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None
+    overrides, config_dir = split
+    overrides = [o for o in overrides if not o.startswith("hydra")]
+    try:
+        overrides, problem = _first_values(overrides, config_dir)
+    except Exception:  # noqa: BLE001 - not Hydra's override grammar: Hydra reports it
+        return None
+    if problem:
+        return problem
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0].lstrip("+~")]
+    try:
+        base = _compose(groups, config_dir)
+        cfg = _compose(overrides, config_dir)
+    except MissingConfigException as e:
+        group, _, value = str(e.missing_cfg_file or "").partition("/")
+        options = ", ".join(e.options or group_options(group, config_dir)) or "see `python -m visionft --help`"
+        return f"{group}={value} is not an option of the {group} group; valid: {options}"
+    except ConfigCompositionException as e:
+        m = re.search(r"Could not (?:override|delete) '([^']+)'", str(e))
+        if not m:
+            return None
+        key = m.group(1)
+        try:
+            base = _compose(groups, config_dir)
+        except Exception:  # noqa: BLE001 - the key is a group name typo: compare with the defaults
+            base = _compose([], config_dir)
+        close = _closest(key, base)
+        hint = f"did you mean {' or '.join(close)}?" if close else "`python -m visionft --cfg job` lists every key"
+        return f"unknown key {key}: {hint}"
+    for raw in overrides:
+        key = raw.split("=", 1)[0].lstrip("+~")
+        if "=" in raw and "." in key:
+            problem = _type_error(key, OmegaConf.select(base, key), OmegaConf.select(cfg, key), raw)
+            if problem:
+                return problem
+    return _unwritable(OmegaConf.select(cfg, "paths.output_dir"))
