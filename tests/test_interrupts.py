@@ -78,3 +78,33 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_cfg, tmp_path, mo
         ckpt = torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=True)
         assert ckpt["epoch"] == 0 and ckpt["state_dict"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+class Poison(__import__("lightning").Callback):
+    """Test helper: at epoch 1, batch 1, poison the head (NaN, or x1e6 for an exploding loss)."""
+
+    def __init__(self, how: str = "poison") -> None:
+        self.how, self.step = how, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 1 and self.step is None:
+            self.step = trainer.global_step
+            with torch.no_grad():
+                w = module.model.get_classifier().weight
+                w.fill_(float("nan")) if self.how == "poison" else w.mul_(1e6).add_(1e3)
+
+
+@pytest.mark.parametrize("how, why", [("poison", "loss not finite from step 11"), ("explode", "x the first epoch's")])
+def test_divergence_stops_naming_step_lr_precision_and_keeps_the_good_checkpoint(tiny_cfg, tmp_path, how, why):
+    from visionft.callbacks import NonFiniteLoss
+    from visionft.train import train
+
+    cfg = tiny_cfg("trainer.max_epochs=4", f"+callbacks.poison._target_={__name__}.Poison",
+                   f"+callbacks.poison.how={how}", output_dir=tmp_path / "run")
+    with pytest.raises(NonFiniteLoss) as e:
+        train(cfg)
+    message = str(e.value)
+    assert why in message and "in epoch 1" in message and "learning rates" in message and "32-true" in message
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["state_dict"].values()
+                                      if v.is_floating_point())

@@ -1,4 +1,4 @@
-"""Small callbacks: training throughput (images/s over training batches only), a per-epoch NaN guard, and
+"""Small callbacks: training throughput (images/s over training batches only), a divergence guard, and
 preemption (SIGTERM, Ctrl+C) turned into a resumable checkpoint."""
 from __future__ import annotations
 
@@ -56,15 +56,64 @@ class TrainThroughput(L.Callback):
 
 
 class NanGuard(L.Callback):
-    """Stops with a clear error when the epoch's mean training loss is not finite (one host sync per epoch)."""
+    """Stops a diverging run before its weights are saved: a non-finite training loss, or an epoch whose mean loss
+    exceeds ``factor`` x the first epoch's. Tracked on device every batch (no host sync), checked once per epoch
+    before validation and before the epoch's checkpoints, so the last checkpoint on disk is a good one."""
+
+    def __init__(self, factor: float = 100.0) -> None:
+        self.factor, self.reference = factor, None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sum, self._n, self._first_bad, self._checked = None, 0, None, False
+
+    def state_dict(self) -> dict:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference = state.get("reference")
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._reset()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        loss = loss.detach().float()
+        if self._sum is None:
+            self._sum = torch.zeros((), device=loss.device)
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self._sum += torch.nan_to_num(loss, nan=float("inf"))
+        self._n += 1
+        bad = ~torch.isfinite(loss) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, trainer.global_step), self._first_bad)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.training:
+            self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise NonFiniteLoss(
-                f"training loss is {float(loss)} in epoch {trainer.current_epoch}: lower strategy.lr, set "
-                f"trainer.gradient_clip_val=1.0, or use trainer.precision=32-true"
-            )
+        self._check(trainer)
+
+    def _check(self, trainer) -> None:
+        if self._sum is None or self._checked:
+            return
+        self._checked = True
+        first_bad, mean = int(self._first_bad), float(self._sum) / self._n
+        if first_bad < 0 and math.isfinite(mean) and trainer.current_epoch == 0 and self.reference is None:
+            self.reference = mean
+        exploded = self.reference is not None and mean > self.factor * self.reference
+        if first_bad < 0 and math.isfinite(mean) and not exploded:
+            return
+        why = (f"loss not finite from step {first_bad}" if first_bad >= 0 else
+               f"mean loss {mean:.4g} > {self.factor:g} x the first epoch's {self.reference:.4g}")
+        lrs = sorted({g["lr"] for opt in trainer.optimizers for g in opt.param_groups})
+        raise NonFiniteLoss(
+            f"training diverged in epoch {trainer.current_epoch} (step {trainer.global_step}): {why}; learning "
+            f"rates {lrs[0]:.3g}..{lrs[-1]:.3g}, precision {trainer.precision}. The last good checkpoint is kept "
+            f"(checkpoints/last.ckpt). Lower strategy.lr, set trainer.gradient_clip_val=1.0, or use "
+            f"trainer.precision=32-true")
 
 
 class Interrupted(RuntimeError):
