@@ -88,6 +88,25 @@ def check_fits(ckpt: dict, module, what: str) -> None:
                          f"overrides that run used (data, backbone, strategy), or start a new run without it")
 
 
+# what defines a run: resuming with other values would silently continue a different run
+RUN_DEFINING = ("data", "backbone", "strategy", "loss", "optimizer", "scheduler", "seed")
+RUN_NEUTRAL = ("data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.cache_dir")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def config_changes(stored: dict, current: dict) -> list[str]:
+    """``key: stored -> current`` for every run-defining setting that differs between a checkpoint and this run."""
+    old = _flat({k: stored.get(k) for k in RUN_DEFINING})
+    new = _flat({k: current.get(k) for k in RUN_DEFINING})
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(RUN_NEUTRAL)]
+
+
 def save_weights(module, path: Path) -> str:
     """The module's weights as a Lightning-format checkpoint (state_dict, hyper-parameters, visionft metadata) for
     a final model no Trainer saved (a probe without gradient epochs, a WiSE-FT choice)."""

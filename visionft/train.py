@@ -10,12 +10,12 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.imagefolder import BadImages
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
 from visionft.callbacks import Interrupted, Preemption
-from visionft.checkpoints import check_fits, read_checkpoint, save_weights
+from visionft.checkpoints import check_fits, config_changes, read_checkpoint, save_weights
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
@@ -135,8 +135,13 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
                 probe, wise_start)
     resume = resume_path(cfg, p.out)
     if resume:
-        check_fits(read_checkpoint(resume, "ckpt_path" if cfg.ckpt_path else "resume=true: last.ckpt"), p.module,
-                   f"the checkpoint {resume}")
+        stored = read_checkpoint(resume, "ckpt_path" if cfg.ckpt_path else "resume=true: last.ckpt")
+        changes = config_changes(stored.get("hyper_parameters", {}), OmegaConf.to_container(cfg, resolve=True))
+        if changes and cfg.get("resume_changes", "refuse") != "allow":
+            raise ValueError(f"resuming from {resume} with a config that changes the run ({'; '.join(changes[:4])}"
+                             f"{'; ...' if len(changes) > 4 else ''}): resume with that run's overrides (its "
+                             f"config.yaml), or pass resume_changes=allow to continue anyway")
+        check_fits(stored, p.module, f"the checkpoint {resume}")
     try:
         p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume)
     except SIGTERMException:
