@@ -170,16 +170,21 @@ class ClassificationDataModule(L.LightningDataModule):
         return _TransformDataset(self.splits[split], t)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training: a ``ResumableLoader`` (batches a pure function of seed, epoch and position; see
+        ``datamodules.loaders``) on one process, Lightning's distributed sampler under DDP. Evaluation: in order,
+        with the loader's own generator (iterating never touches the global RNG)."""
+        from datamodules.loaders import ResumableLoader, SeededDataset, mix
+
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(self.splits[split]) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=pin,
-        )
+        common = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0, "pin_memory": pin}
+        drop_last = shuffle and len(self.splits[split]) > self.batch_size
+        trainer = getattr(self, "trainer", None)
+        if shuffle and (trainer is None or trainer.world_size == 1):
+            return ResumableLoader(SeededDataset(self.dataset(split), self.seed), self.batch_size, shuffle, drop_last,
+                                   self.seed, trainer_of=lambda: getattr(self, "trainer", None), **common)
+        return DataLoader(self.dataset(split), batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+                          shuffle=shuffle, drop_last=drop_last,
+                          generator=torch.Generator().manual_seed(mix(self.seed, 2)), **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from visionft.callbacks import NanGuard, Preemption, TrainThroughput
+from visionft.callbacks import NanGuard, Preemption, ResumeState, TrainThroughput
 from visionft.checkpoints import AtomicCheckpointIO
 from visionft.loggers import ResumableCSVLogger
 from visionft.module import TrainOptions, TransferModule
@@ -97,7 +97,7 @@ def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoin
     for lg in loggers:  # a resumed run continues its CSV history
         if isinstance(lg, ResumableCSVLogger):
             lg.append = bool(cfg.resume or cfg.ckpt_path)
-    trainer = L.Trainer(default_root_dir=out, callbacks=[*callbacks, speed, NanGuard(), Preemption()],
+    trainer = L.Trainer(default_root_dir=out, callbacks=[*callbacks, speed, NanGuard(), Preemption(), ResumeState()],
                         logger=loggers or False, deterministic=bool(cfg.deterministic),
                         plugins=[AtomicCheckpointIO(), *kwargs.pop("plugins", [])], **kwargs)
     return trainer, best, speed

@@ -157,3 +157,60 @@ class Preemption(L.Callback):
             path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
             trainer.save_checkpoint(path)
             self.saved = path
+
+
+class ResumeState(L.Callback):
+    """What an exact resume needs beyond Lightning's own checkpoint: the global RNG states (torch, CUDA, numpy,
+    Python) and the training loader's position (a ``datamodules.loaders.ResumableLoader``). Both are restored just
+    before the first training batch after a resume, so dropout, drop-path, mixup and the data order continue as the
+    uninterrupted run's. (Lightning's own loader-state hook does not fire when the loader was set up before the
+    restore, as estimating the schedule's length does.)"""
+
+    def __init__(self) -> None:
+        self._pending = None
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "loader": self._loader_state()}
+
+    def _loader_state(self) -> dict | None:
+        loader = getattr(getattr(self, "_trainer", None), "train_dataloader", None)
+        return loader.state_dict() if hasattr(loader, "state_dict") else None
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._trainer = trainer
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after the restore, before the loader's first batch
+        loader_state = (self._pending or {}).get("loader")
+        loader = trainer.train_dataloader
+        if loader_state and loader_state["epoch"] == trainer.current_epoch and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(loader_state)  # a mid-epoch checkpoint: continue after the batches it took
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is None:
+            return
+        import random
+
+        import numpy as np
+
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate(_as_tuple(state["python"]))
+        if state.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list) else x

@@ -1,0 +1,76 @@
+"""Exact resume: with deterministic=true two runs end with identical weights, and a run killed with SIGKILL at three
+points (mid-epoch, right after an unfreeze, right after a validation) and resumed with resume=true ends with weights
+bit-identical to the uninterrupted run, having seen every training batch (same samples, same augmentations) exactly
+once per epoch across the crash. Augmentation (random-resized crop + flip) and dropout are on; checkpoints are also
+written mid-epoch (val_check_interval=0.5)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY
+
+pytestmark = pytest.mark.slow
+RUN = [o for o in TINY if not o.startswith("trainer.max_epochs")] + [
+    "strategy=gradual_unfreeze", "+backbone.kwargs.drop_rate=0.3", "data.augment.name=crop_flip",
+    "+trainer.val_check_interval=0.5", "trainer.max_epochs=4", "deterministic=true"]
+STEPS_PER_EPOCH = 9  # 144 training images, batch 16, drop_last
+
+
+def _run(out: Path, record: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    args = [*RUN, "+callbacks.recorder._target_=resume_helpers.Recorder", f"+callbacks.recorder.path={record}",
+            f"paths.output_dir={out}", *extra]
+    return subprocess.run([sys.executable, "-m", "visionft", *args], capture_output=True, text=True, env=env,
+                          cwd=out.parent, timeout=600)
+
+
+def _records(path: Path) -> list[tuple[int, ...]]:
+    return [tuple(line.split()) for line in path.read_text().splitlines()]
+
+
+def _weights(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    done = _run(root / "run", root / "batches.txt")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _weights(root / "run"), _records(root / "batches.txt")
+
+
+def test_two_deterministic_runs_give_identical_weights(reference, tmp_path):
+    done = _run(tmp_path / "run", tmp_path / "batches.txt")
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights, records = reference
+    assert _records(tmp_path / "batches.txt") == records
+    again = _weights(tmp_path / "run")
+    assert all(torch.equal(again[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("kill_step", [
+    STEPS_PER_EPOCH + 6,  # mid-epoch 1, after its mid-epoch validation and checkpoint
+    2 * STEPS_PER_EPOCH + 1,  # the first step of epoch 2, right after gradual unfreezing opened another group
+    2 * STEPS_PER_EPOCH + 6,  # right after epoch 2's mid-epoch validation
+])
+def test_sigkill_then_resume_is_bit_identical_and_sees_each_batch_once(reference, tmp_path, kill_step):
+    out, crashed, resumed = tmp_path / "run", tmp_path / "crashed.txt", tmp_path / "resumed.txt"
+    killed = _run(out, crashed, "+callbacks.killer._target_=resume_helpers.Killer", f"+callbacks.killer.step={kill_step}")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    done = _run(out, resumed, "resume=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights, records = reference
+    after = _records(resumed)
+    start = int(after[0][0])  # the step the resumed run continued from (its last checkpoint)
+    assert 0 < start <= kill_step
+    stitched = [r for r in _records(crashed) if int(r[0]) < start] + after
+    assert stitched == records  # every step once, with the same samples in the same order, augmented alike
+    final = _weights(out)
+    assert all(torch.equal(final[k], v) for k, v in weights.items())
