@@ -100,3 +100,15 @@ def test_resuming_with_a_config_that_changes_the_run_is_refused_naming_the_keys(
     forced = _cli([*TINY, "strategy.lr=1e-3", "trainer.max_epochs=3", "resume=true", "resume_changes=allow",
                    f"paths.output_dir={out}"], tmp_path)
     assert forced.returncode == 0, forced.stderr[-1500:]
+
+
+def test_real_bugs_keep_their_traceback(tmp_path):
+    """A constructor failing with a TypeError is a bug, not bad input: not reduced to our one line (Hydra reports it,
+    exit 1, and HYDRA_FULL_ERROR=1 gives its traceback); HYDRA_FULL_ERROR=1 shows a deliberate error's too."""
+    args = [*TINY, "+callbacks.bug._target_=math.sqrt", "+callbacks.bug.x=4", f"paths.output_dir={tmp_path / 'a'}"]
+    bug = _cli(args, tmp_path)
+    assert bug.returncode == 1 and "HYDRA_FULL_ERROR=1" in bug.stderr and not bug.stderr.startswith("error: ")
+    traced = _cli(args, tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert "Traceback" in traced.stderr and "TypeError" in traced.stderr
+    full = _cli(["data.per_class=0", f"paths.output_dir={tmp_path / 'b'}"], tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "data.per_class=0" in full.stderr

@@ -34,20 +34,27 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for tracebacks: re-raise everything
     try:
         metrics = train(cfg)
     except MissingMandatoryValue as e:
+        if full:
+            raise
         key = getattr(e, "full_key", "") or str(e).split("\n")[0]
         print(f"error: {key} is required and not set: pass {key}=... on the command line", file=sys.stderr)
         sys.exit(2)
     except InstantiationException as e:  # a constructor refused its options: show its own message
-        cause = e.__cause__ or e
+        cause = e.__cause__
+        if full or not isinstance(cause, (WeightsUnavailable, *USER_ERRORS)):  # a real bug keeps its traceback
+            raise
         print(f"error: {str(cause).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:  # preemption or Ctrl+C: the checkpoint is saved, the exit code says which signal
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (WeightsUnavailable, NonFiniteLoss, DiskFull, *USER_ERRORS) as e:
+        if full:
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except ExportFailed as e:  # the run is saved; the exporter's own traceback is logged above this line

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from visionft.export import FORMATS
+from visionft.export import FORMATS, ExportCheckFailed
 
 
 def export_main(argv: list[str]) -> int:
@@ -75,6 +76,8 @@ def run(command: str, argv: list[str]) -> int:
     quiet_third_party()
     try:
         return COMMANDS[command](argv)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, ExportCheckFailed) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
