@@ -76,10 +76,11 @@ def test_imagefolder_errors_name_the_problem(tmp_path):
     _write_folder(tmp_path / "imgs")
     (tmp_path / "imgs" / "cat" / "broken.jpg").write_bytes(b"not an image")
     dm = ImageFolderDataModule(root=str(tmp_path / "imgs"), batch_size=100, test_fraction=0.3, val_fraction=0.3)
-    dm.configure(16)
-    with pytest.raises(RuntimeError, match="broken.jpg"):
-        for split in ("train", "val", "test"):
-            list(dm.dataset(split))
+    dm.setup()  # a broken file is checked before training: skipped with its reason (on_bad_image=skip)
+    broken = str(tmp_path / "imgs" / "cat" / "broken.jpg")
+    assert "not an image" in dm.rejected[broken] and all(broken not in s.images for s in dm.splits.values())
+    with pytest.raises(ValueError, match="broken.jpg"):
+        ImageFolderDataModule(root=str(tmp_path / "imgs"), on_bad_image="error").setup()
 
 
 def test_cifar_missing_root_is_a_clear_error(tmp_path):
