@@ -79,8 +79,11 @@ def test_unusable_checkpoints_are_one_line(tmp_path, kind, expected):
 
 
 def test_a_checkpoint_of_another_class_count_is_refused(three_class_ckpt, tmp_path):
-    r = _cli([*TINY, "data.num_classes=4", f"ckpt_path={three_class_ckpt}", f"paths.output_dir={tmp_path / 'run'}"],
-             tmp_path)
+    args = [*TINY, "data.num_classes=4", f"ckpt_path={three_class_ckpt}", f"paths.output_dir={tmp_path / 'run'}"]
+    r = _cli(args, tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert "data.num_classes: 3 -> 4" in r.stderr.strip().splitlines()[-1]  # the config says so first
+    r = _cli([*args, "resume_changes=allow"], tmp_path)  # and the weights themselves cannot be loaded
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
     last = r.stderr.strip().splitlines()[-1]
     assert "does not fit the model of this run" in last and "(3, " in last and "(4, " in last
