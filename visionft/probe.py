@@ -64,7 +64,7 @@ class ProbeRun:
 def _fit_one(x, y, l2, init, max_iter) -> tuple[torch.Tensor, torch.Tensor]:
     w = init[0].clone().requires_grad_(True)
     b = init[1].clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-4, tolerance_change=1e-7,
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-4, tolerance_change=1e-5,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
