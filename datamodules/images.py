@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 log = logging.getLogger(__name__)
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (about 9,459 x 9,459)
-CHECK_FORMAT = 1  # bump when read_rgb's verdicts change
+CHECK_FORMAT = 2  # bump when read_rgb's verdicts change
 
 
 class BadImage(ValueError):
@@ -41,13 +41,17 @@ def image_extensions() -> set[str]:
 def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(im).astype(np.float64)
-        a = a / 257.0 if im.mode.startswith("I;16") or a.max(initial=0) <= 65535 else a * (255.0 / a.max())
+        top = a.max(initial=0)
+        if im.mode.startswith("I;16") or 255 < top <= 65535:
+            a = a / 257.0  # 16-bit range
+        elif top > 65535:
+            a = a * (255.0 / top)  # a wider integer range: scaled by its maximum
         return np.repeat(np.clip(np.rint(a), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
     if im.mode == "F":
         a = np.nan_to_num(np.asarray(im, dtype=np.float64))
         a = a * 255.0 if a.min(initial=0) >= 0 and a.max(initial=0) <= 1.0 else a
         return np.repeat(np.clip(np.rint(a), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or getattr(im, "has_transparency_data", False):
         rgba = im.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return np.asarray(Image.alpha_composite(canvas, rgba).convert("RGB"))
@@ -83,6 +87,8 @@ def _verdict(path: str) -> str | None:
         return None
     except BadImage as e:
         return str(e)
+    except Exception as e:  # noqa: BLE001 - any failure to decode one file is that file's verdict, not the run's
+        return f"{type(e).__name__}: {e}"
 
 
 def check_files(paths: list[str], cache_dir: str | os.PathLike | None = None, workers: int | None = None,
@@ -105,7 +111,10 @@ def check_files(paths: list[str], cache_dir: str | os.PathLike | None = None, wo
 
 
 def _stamp(path: str) -> str:
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError:  # a dangling link: read_rgb reports it
+        return "missing"
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 

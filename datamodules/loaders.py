@@ -83,11 +83,11 @@ class ResumableLoader(DataLoader):
         self._resume = (int(state["epoch"]), int(state["batches"]))
 
     def __iter__(self):
-        if self._resume is not None:
-            (self.order.epoch, skipped), self._resume = self._resume, None
-        else:
-            trainer = self.trainer_of()
-            self.order.epoch, skipped = (trainer.current_epoch if trainer is not None else 0), 0
+        trainer = self.trainer_of()
+        epoch = trainer.current_epoch if trainer is not None else 0
+        resume, self._resume = self._resume, None
+        # a saved position applies only to its own epoch (an end-of-epoch checkpoint starts the next one afresh)
+        self.order.epoch, skipped = resume if resume is not None and resume[0] == epoch else (epoch, 0)
         self.order.skip = skipped * self.batch_sampler.batch_size
         self.taken = skipped
         for batch in super().__iter__():

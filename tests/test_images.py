@@ -147,3 +147,26 @@ def test_a_run_lists_skipped_files_and_predict_uses_the_same_reader(tmp_path):
     items = [(rel, str(tmp_path / "f" / rel)) for rel in fates]
     rows, failed = predict_images(lambda x: x.mean((2, 3)), preprocessing_of(meta), items, topk=1)
     assert {k for k, _ in failed} == {r for r, (f, _) in fates.items() if f == "bad"} and len(rows) == 8
+
+
+def test_colour_key_transparency_and_wide_integer_images(tmp_path):
+    keyed = Image.new("RGB", (4, 4), (10, 20, 30))
+    keyed.info["transparency"] = (10, 20, 30)  # a tRNS colour key: that colour is transparent
+    keyed.save(tmp_path / "keyed.png", transparency=(10, 20, 30))
+    assert tuple(read_rgb(tmp_path / "keyed.png")[0, 0]) == (255, 255, 255)
+    Image.fromarray(np.full((3, 3), 200, np.int32), "I").save(tmp_path / "i32.tif")  # 32-bit holding 0-255 values
+    assert tuple(read_rgb(tmp_path / "i32.tif")[0, 0]) == (200, 200, 200)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    rejected = check_files([str(tmp_path / "dangling.png"), str(tmp_path / "keyed.png")], progress=False)
+    assert list(rejected) == [str(tmp_path / "dangling.png")]
+
+
+def test_preflight_lets_valid_commands_through_and_types_top_level_keys(tmp_path):
+    from visionft.preflight import check
+
+    (tmp_path / "backbone").mkdir()
+    (tmp_path / "backbone" / "mine.yaml").write_text("defaults:\n  - timm\n  - _self_\nname: test_resnet\n")
+    assert check([f"hydra.searchpath=[file://{tmp_path}]", "backbone=mine"]) is None
+    assert check(["--config-dir", str(tmp_path), "backbone=mine"]) is None
+    assert check(["-m", "strategy.lr=1e-3,1e-4", "+loss.extra=1", "~export"]) is None
+    assert check(["seed=abc"]) == "seed=abc must be int (the default is 42)"

@@ -56,17 +56,18 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_cfg, tmp_path, mo
     import visionft.checkpoints as ck
     from visionft.__main__ import main
 
-    real_save = torch.save
+    real_write = ck._write_bytes
     calls = {"n": 0}
 
-    def fails_on_second_epoch(obj, f, *a, **k):
+    def fails_on_second_epoch(path, data):
         calls["n"] += 1
         if calls["n"] > 2:  # epoch 0 wrote best.ckpt and last.ckpt; epoch 1's writes hit a full disk midway
-            f.write(b"partial bytes")
+            with open(path, "wb") as f:
+                f.write(bytes(data[: len(data) // 2]))
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
+        return real_write(path, data)
 
-    monkeypatch.setattr(ck.torch, "save", fails_on_second_epoch)
+    monkeypatch.setattr(ck, "_write_bytes", fails_on_second_epoch)
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["visionft", *TINY, "trainer.max_epochs=3", f"paths.output_dir={out}"])
     with pytest.raises(SystemExit) as e:
@@ -94,13 +95,16 @@ class Poison(__import__("lightning").Callback):
                 w.fill_(float("nan")) if self.how == "poison" else w.mul_(1e6).add_(1e3)
 
 
-@pytest.mark.parametrize("how, why", [("poison", "loss not finite from step 11"), ("explode", "x the first epoch's")])
-def test_divergence_stops_naming_step_lr_precision_and_keeps_the_good_checkpoint(tiny_cfg, tmp_path, how, why):
+@pytest.mark.parametrize("how, why, extra", [
+    ("poison", "loss not finite from step 11", []), ("explode", "x the first epoch's", []),
+    ("poison", "loss not finite from step 11", ["+trainer.val_check_interval=0.5"]),  # checkpoints mid-epoch too
+])
+def test_divergence_stops_naming_step_lr_precision_and_keeps_the_good_checkpoint(tiny_cfg, tmp_path, how, why, extra):
     from visionft.callbacks import NonFiniteLoss
     from visionft.train import train
 
     cfg = tiny_cfg("trainer.max_epochs=4", f"+callbacks.poison._target_={__name__}.Poison",
-                   f"+callbacks.poison.how={how}", output_dir=tmp_path / "run")
+                   f"+callbacks.poison.how={how}", *extra, output_dir=tmp_path / "run")
     with pytest.raises(NonFiniteLoss) as e:
         train(cfg)
     message = str(e.value)

@@ -65,7 +65,7 @@ class NanGuard(L.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._sum, self._n, self._first_bad, self._checked = None, 0, None, False
+        self._sum, self._n, self._first_bad = None, 0, None
 
     def state_dict(self) -> dict:
         return {"reference": self.reference}
@@ -90,16 +90,15 @@ class NanGuard(L.Callback):
         self._first_bad = torch.where(bad, torch.full_like(self._first_bad, trainer.global_step), self._first_bad)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training:
+        if trainer.state.fn == "fit":  # validation inside fit (mid-epoch too): checkpoints follow it
             self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._check(trainer)
 
     def _check(self, trainer) -> None:
-        if self._sum is None or self._checked:
+        if self._sum is None:
             return
-        self._checked = True
         first_bad, mean = int(self._first_bad), float(self._sum) / self._n
         if first_bad < 0 and math.isfinite(mean) and trainer.current_epoch == 0 and self.reference is None:
             self.reference = mean
@@ -153,7 +152,7 @@ class Preemption(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
-        if isinstance(exception, SIGTERMException):
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
             trainer.save_checkpoint(path)
             self.saved = path

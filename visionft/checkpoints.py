@@ -5,6 +5,7 @@ cannot make visionft call an arbitrary function."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import socket
 from functools import cache
@@ -28,11 +29,10 @@ def atomic_torch_save(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialized first: a failing disk then surfaces as the OSError of a plain write
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_bytes(tmp, buffer.getbuffer())
         os.replace(tmp, path)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -41,6 +41,13 @@ def atomic_torch_save(obj, path: Path) -> None:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_bytes(path: Path, data) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

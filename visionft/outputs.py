@@ -12,8 +12,9 @@ log = logging.getLogger("visionft.train")
 
 
 def write_rejected(rejected: dict[str, str], out: Path) -> Path | None:
-    """``bad_images.csv``: every image file the run could not use, with the reason."""
+    """``bad_images.csv``: every image file the run could not use, with the reason (none: no file, not a stale one)."""
     if not rejected:
+        (out / "bad_images.csv").unlink(missing_ok=True)
         return None
     import csv
 

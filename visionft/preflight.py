@@ -34,6 +34,8 @@ def group_options(group: str, config_dir: str | None = None) -> list[str]:
     """The options of a config group: visionft's presets plus a user config dir's."""
     from importlib.resources import files
 
+    if not group or "." in group or "/" in group:
+        return []
     found = {p.name[:-5] for p in files("visionft.conf").joinpath(group).iterdir() if p.name.endswith(".yaml")} \
         if files("visionft.conf").joinpath(group).is_dir() else set()
     if config_dir and (Path(config_dir) / group).is_dir():
@@ -105,20 +107,28 @@ def _unwritable(path: str | None) -> str | None:
 
 def check(argv: list[str]) -> str | None:
     """The first problem of the command line, as one line naming it and the fix; None when it is fine."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-
     split = _split(argv)
     if split is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return None
     overrides, config_dir = split
-    overrides = [o for o in overrides if not o.startswith("hydra")]
+    try:
+        return _check(overrides, config_dir)
+    except Exception:  # noqa: BLE001 - anything unexpected here: let Hydra run and report it its own way
+        return None
+
+
+def _check(overrides: list[str], config_dir: str | None) -> str | None:
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    overrides = [o for o in overrides if not o.startswith("hydra") or o.startswith("hydra.searchpath")]
     try:
         overrides, problem = _first_values(overrides, config_dir)
     except Exception:  # noqa: BLE001 - not Hydra's override grammar: Hydra reports it
         return None
     if problem:
         return problem
-    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0].lstrip("+~")]
+    groups = [o for o in overrides if "=" in o and (o.startswith("hydra.searchpath") or group_options(
+        o.split("=", 1)[0].lstrip("+~"), config_dir))]
     try:
         base = _compose(groups, config_dir)
         cfg = _compose(overrides, config_dir)
@@ -140,8 +150,9 @@ def check(argv: list[str]) -> str | None:
         return f"unknown key {key}: {hint}"
     for raw in overrides:
         key = raw.split("=", 1)[0].lstrip("+~")
-        if "=" in raw and "." in key:
-            problem = _type_error(key, OmegaConf.select(base, key), OmegaConf.select(cfg, key), raw)
+        if "=" in raw and raw not in groups and not key.startswith("hydra"):
+            problem = _type_error(key, OmegaConf.select(base, key, throw_on_resolution_failure=False),
+                                  OmegaConf.select(cfg, key, throw_on_resolution_failure=False), raw)
             if problem:
                 return problem
-    return _unwritable(OmegaConf.select(cfg, "paths.output_dir"))
+    return _unwritable(OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False))

@@ -205,7 +205,11 @@ def train(cfg: DictConfig) -> dict:
     metrics = record(p, final, probe, start)
     if p.trainer.is_global_zero:  # the fit is on record before any later phase can fail
         write_outputs(metrics, cfg, p.out)
-    final = settle(cfg, p, final, probe, wise_start, metrics)
+    try:
+        final = settle(cfg, p, final, probe, wise_start, metrics)
+    except SIGTERMException:  # after fit: the fitted model is on disk (metrics.json names it)
+        raise Interrupted(f"SIGTERM received while evaluating: the fit is complete and saved ({final}); run "
+                          f"again with resume=true paths.output_dir={p.out} to evaluate it", "SIGTERM") from None
     metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
     if not p.trainer.is_global_zero:
         return metrics
