@@ -11,6 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.transforms import eval_transform, to_chw_uint8, train_transform
+from visionft.errors import UsageError
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_f
     ]
     for bad, message in problems:
         if bad:
-            raise ValueError(message)
+            raise UsageError(message)
 
 
 class ClassificationDataModule(L.LightningDataModule):

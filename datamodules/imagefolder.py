@@ -15,12 +15,13 @@ import numpy as np
 
 from datamodules.base import ClassificationDataModule, Split
 from datamodules.images import check_files, image_extensions, read_rgb  # noqa: F401  (read_rgb: the one reader)
+from visionft.errors import UsageError
 
 log = logging.getLogger(__name__)
 POLICIES = ("skip", "error")
 
 
-class BadImages(ValueError):
+class BadImages(UsageError):
     def __init__(self, message: str, rejected: dict[str, str]) -> None:
         super().__init__(message)
         self.rejected = rejected
@@ -40,7 +41,7 @@ class ImageFolderDataModule(ClassificationDataModule):
                  **kwargs) -> None:
         super().__init__(**kwargs)
         if on_bad_image not in POLICIES:
-            raise ValueError(f"data.on_bad_image={on_bad_image!r} is not a policy; valid: {', '.join(POLICIES)}")
+            raise UsageError(f"data.on_bad_image={on_bad_image!r} is not a policy; valid: {', '.join(POLICIES)}")
         self.root, self.on_bad_image, self.cache_dir = root, on_bad_image, cache_dir
         self.rejected: dict[str, str] = {}
 

@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import torch
 
+from visionft.errors import UsageError
+
 _INTERP = {
     "nearest": cv2.INTER_NEAREST,
     "bilinear": cv2.INTER_LINEAR,
@@ -52,15 +54,15 @@ def train_transform(size: int, interpolation: str = "bicubic", augment: Mapping 
     augment = dict(augment or {})
     name = augment.pop("name", "none")
     if name not in PRESET_OPTIONS:
-        raise ValueError(f"unknown augment preset {name!r}; valid: {', '.join(AUGMENT_PRESETS)}")
+        raise UsageError(f"unknown augment preset {name!r}; valid: {', '.join(AUGMENT_PRESETS)}")
     unknown = set(augment) - set(PRESET_OPTIONS) - set(COMMON_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown augment option(s) {sorted(unknown)}: a preset's options go in its own block, e.g. "
+        raise UsageError(f"unknown augment option(s) {sorted(unknown)}: a preset's options go in its own block, e.g. "
                          f"data.augment.{name}.<option> ({name}: {', '.join(PRESET_OPTIONS[name]) or 'none'}); "
                          f"common: {', '.join(COMMON_OPTIONS)}")
     opts = dict(augment.get(name) or {})
     if set(opts) - set(PRESET_OPTIONS[name]):
-        raise ValueError(f"unknown option(s) {sorted(set(opts) - set(PRESET_OPTIONS[name]))} for augment preset "
+        raise UsageError(f"unknown option(s) {sorted(set(opts) - set(PRESET_OPTIONS[name]))} for augment preset "
                          f"{name!r}; valid: {', '.join(PRESET_OPTIONS[name]) or 'none'}")
     interp = _interp(interpolation)
     if name == "none":

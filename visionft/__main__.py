@@ -18,17 +18,21 @@ from omegaconf import DictConfig
 os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
 os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
-USER_ERRORS = (FileNotFoundError, ValueError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What the CLI reports as one line, exit 2: mistakes in what was asked (never a library's own ValueError)."""
+    from visionft.callbacks import NonFiniteLoss
+    from visionft.checkpoints import DiskFull
+    from visionft.errors import UsageError
+    from visionft.weights import WeightsUnavailable
+
+    return (UsageError, FileNotFoundError, WeightsUnavailable, NonFiniteLoss, DiskFull)
 
 
 @hydra.main(config_path="pkg://visionft.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from visionft.callbacks import Interrupted, NonFiniteLoss
-    from visionft.checkpoints import DiskFull
-    from visionft.train import ExportFailed, train
-    from visionft.weights import WeightsUnavailable
-
+    from visionft.callbacks import Interrupted
     from visionft.logs import single_console_handler
+    from visionft.train import ExportFailed, train
 
     single_console_handler()
     from hydra.errors import InstantiationException
@@ -45,14 +49,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except InstantiationException as e:  # a constructor refused its options: show its own message
         cause = e.__cause__
-        if full or not isinstance(cause, (WeightsUnavailable, *USER_ERRORS)):  # a real bug keeps its traceback
+        if full or not isinstance(cause, _user_errors()):  # a real bug keeps its traceback
             raise
         print(f"error: {str(cause).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:  # preemption or Ctrl+C: the checkpoint is saved, the exit code says which signal
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (WeightsUnavailable, NonFiniteLoss, DiskFull, *USER_ERRORS) as e:
+    except _user_errors() as e:
         if full:
             raise
         print(f"error: {e}", file=sys.stderr)

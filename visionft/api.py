@@ -17,6 +17,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
+from visionft.errors import UsageError
+
 
 def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
     """The config ``python -m visionft <overrides>`` runs (``config_dir``: an extra search path, like --config-dir)."""
@@ -84,7 +86,7 @@ class Trained:
                                       ((i if not isinstance(im, (str, Path)) else im, im) for i, im in enumerate(images)),
                                       topk, batch_size)
         if failed:
-            raise ValueError(f"cannot read {len(failed)} image(s): {failed[:3]}")
+            raise UsageError(f"cannot read {len(failed)} image(s): {failed[:3]}")
         return rows
 
 

@@ -13,6 +13,7 @@ from timm.data import resolve_data_config
 from timm.models import group_parameters
 from torch import nn
 
+from visionft.errors import UsageError
 from visionft.weights import apply_state_dict, load_pretrained, load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def bn_group_index(model: nn.Module, groups: list[DepthGroup]) -> dict[str, int]
             key = f"{name}.weight" if f"{name}.weight" in owner else next(
                 (p for p in owner if _is_under(p, name.rsplit(".", 1)[0])), None)
             if key is None:
-                raise ValueError(f"cannot place BatchNorm {name!r} in a depth group")
+                raise RuntimeError(f"cannot place BatchNorm {name!r} in a depth group")
             out[name] = owner[key]
     return out
 
@@ -96,7 +97,7 @@ def _create(name: str, num_classes: int, image_size: int | None, kwargs: dict) -
         if "Unknown model" not in str(e):
             raise
         close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6, cutoff=0.6)
-        raise ValueError(f"unknown timm model {name!r} (backbone.name). Similar timm models: {close}. "
+        raise UsageError(f"unknown timm model {name!r} (backbone.name). Similar timm models: {close}. "
                          f"Presets: see conf/backbone/ or `python -m visionft --help`") from None
 
 
@@ -118,7 +119,7 @@ def create_backbone(
     from a random head, which on real data wrecked the pretrained features (timm's EfficientNet head init gave a
     first loss of 28 on 2 classes). ``head_init="timm"`` keeps the architecture's own init."""
     if head_init not in HEAD_INITS:
-        raise ValueError(f"backbone.head_init={head_init!r} is not a head init; valid: {', '.join(HEAD_INITS)}")
+        raise UsageError(f"backbone.head_init={head_init!r} is not a head init; valid: {', '.join(HEAD_INITS)}")
     model, used_kwargs = _create(name, num_classes, image_size, dict(kwargs or {}))
     initial = {k: p.detach().clone() for k, p in model.get_classifier().named_parameters()}
     if checkpoint:

@@ -10,11 +10,16 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from visionft.callbacks import NanGuard, Preemption, ResumeState, TrainThroughput
 from visionft.checkpoints import AtomicCheckpointIO
+from visionft.errors import UsageError
 from visionft.loggers import ResumableCSVLogger
 from visionft.module import TrainOptions, TransferModule
 
@@ -32,7 +37,7 @@ def class_weights(spec, counts: np.ndarray) -> list[float] | None:
     if spec == "balanced":
         return (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
     if len(spec) != len(counts):
-        raise ValueError(f"loss.class_weights has {len(spec)} values for {len(counts)} classes")
+        raise UsageError(f"loss.class_weights has {len(spec)} values for {len(counts)} classes")
     return [float(w) for w in spec]
 
 
@@ -42,7 +47,7 @@ def build(cfg: DictConfig):
     strategy = instantiate(cfg.strategy)
     checkpoint = cfg.backbone.get("checkpoint")
     if checkpoint and not strategy.uses_pretrained:
-        raise ValueError(f"strategy={strategy.name.lower()} trains from random init, but backbone.checkpoint={checkpoint} "
+        raise UsageError(f"strategy={strategy.name.lower()} trains from random init, but backbone.checkpoint={checkpoint} "
                          f"is set: drop backbone.checkpoint, or fine-tune it with strategy=full")
     make_backbone = instantiate(cfg.backbone, _convert_="all")
     backbone = make_backbone(num_classes=dm.num_classes,
@@ -72,7 +77,7 @@ def instantiate_entries(node: DictConfig | None, group: str) -> list:
             except InstantiationException as e:
                 missing = isinstance(e.__cause__, (ImportError, ModuleNotFoundError))
                 if missing and name in EXTRAS:
-                    raise ValueError(f"{group}={name} needs its library: pip install \"visionft[{EXTRAS[name]}]\"") from e
+                    raise UsageError(f"{group}={name} needs its library: pip install \"visionft[{EXTRAS[name]}]\"") from e
                 raise
     return out
 

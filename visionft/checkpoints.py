@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from visionft.errors import UsageError
+
 
 class DiskFull(OSError):
     """No space (or quota) left while writing a checkpoint; the previous checkpoint at that path is intact."""
@@ -73,12 +75,12 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower():
-            raise ValueError(f"{what}={path} holds pickled Python objects, which visionft never loads (unpickling "
+            raise UsageError(f"{what}={path} holds pickled Python objects, which visionft never loads (unpickling "
                              f"can run code): use a checkpoint saved with plain tensors (any visionft checkpoint)") from None
-        raise ValueError(f"{what}={path} is not a readable checkpoint ({str(e).splitlines()[0][:100]}): it is "
+        raise UsageError(f"{what}={path} is not a readable checkpoint ({str(e).splitlines()[0][:100]}): it is "
                          f"corrupt or truncated; use another one (best.ckpt, last.ckpt)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{what}={path} is not a readable checkpoint ({str(e).splitlines()[0][:100]}): it is "
+        raise UsageError(f"{what}={path} is not a readable checkpoint ({str(e).splitlines()[0][:100]}): it is "
                          f"corrupt or truncated; use another one (best.ckpt, last.ckpt)") from None
 
 
@@ -91,7 +93,7 @@ def check_fits(ckpt: dict, module, what: str) -> None:
     missing, extra = [k for k in mine if k not in theirs], [k for k in theirs if k not in mine]
     if shapes or missing or extra:
         detail = shapes[:2] or [f"missing {', '.join(missing[:2])}" if missing else f"unexpected {', '.join(extra[:2])}"]
-        raise ValueError(f"{what} does not fit the model of this run ({'; '.join(detail)}): resume with the "
+        raise UsageError(f"{what} does not fit the model of this run ({'; '.join(detail)}): resume with the "
                          f"overrides that run used (data, backbone, strategy), or start a new run without it")
 
 
@@ -159,11 +161,11 @@ def stored_node(hparams: dict, group: str, source: str) -> DictConfig:
     visionft's presets for that group and nothing inside it may name another target."""
     node = OmegaConf.create(hparams).get(group)
     if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise ValueError(f"{source}: its stored config has no {group} entry to rebuild from")
+        raise UsageError(f"{source}: its stored config has no {group} entry to rebuild from")
     target, allowed = str(node._target_), preset_targets(group)
     nested = _nested_targets(node, "")
     if target not in allowed or nested:
         bad = nested[0] if nested else f"{group}._target_={target}"
-        raise ValueError(f"{source}: refusing to instantiate {bad} from a checkpoint (allowed {group} targets: "
+        raise UsageError(f"{source}: refusing to instantiate {bad} from a checkpoint (allowed {group} targets: "
                          f"{', '.join(sorted(allowed))})")
     return node

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from visionft.errors import UsageError
 from visionft.export import FORMATS, ExportCheckFailed
 
 
@@ -76,7 +77,7 @@ def run(command: str, argv: list[str]) -> int:
     quiet_third_party()
     try:
         return COMMANDS[command](argv)
-    except (FileNotFoundError, ValueError, ExportCheckFailed) as e:
+    except (FileNotFoundError, UsageError, ExportCheckFailed) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)

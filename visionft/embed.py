@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visionft.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -22,14 +24,14 @@ def model_and_preprocessing(ckpt: str | None, backbone: str | None, image_size: 
 
         model, meta, hparams = load_trained(ckpt)
         if not hasattr(model, "forward_head"):
-            raise ValueError(f"{ckpt}: its deployable model ({type(model).__name__}) has no pre-logit features to "
+            raise UsageError(f"{ckpt}: its deployable model ({type(model).__name__}) has no pre-logit features to "
                              f"embed; embed its backbone instead with --backbone {meta['timm_name']}")
         return model.eval(), preprocessing_of(meta), hparams
+    from importlib.resources import files
+
     from hydra.utils import instantiate
 
     from visionft.api import compose
-
-    from importlib.resources import files
 
     presets = {p.name[:-5] for p in files("visionft.conf").joinpath("backbone").iterdir() if p.name.endswith(".yaml")}
     cfg = compose([f"backbone={backbone}"] if backbone in presets - {"timm"} else ["backbone=timm", f"backbone.name={backbone}"])
@@ -85,7 +87,7 @@ def dataset_items(data: str, split: str, overrides: list[str], prep: dict, hpara
 
     if data == "run":
         if hparams is None:
-            raise ValueError("--data run takes the data config stored in --ckpt: pass --ckpt, or a dataset preset")
+            raise UsageError("--data run takes the data config stored in --ckpt: pass --ckpt, or a dataset preset")
         node = OmegaConf.merge(stored_node(hparams, "data", "--ckpt"), OmegaConf.from_dotlist(
             [o.removeprefix("data.") for o in overrides]))
         dm = instantiate(stored_node({"data": node}, "data", "--ckpt"))
@@ -107,14 +109,14 @@ def write(out: Path, feats: torch.Tensor, labels: torch.Tensor, paths: list[str]
         try:
             import pandas as pd
         except ImportError:
-            raise ValueError("writing .parquet needs pandas and pyarrow (pip install pandas pyarrow); or use "
+            raise UsageError("writing .parquet needs pandas and pyarrow (pip install pandas pyarrow); or use "
                              "--out features.npz") from None
         frame = pd.DataFrame({"path": paths, "label": labels.numpy(),
                               "class": [classes[i] if 0 <= i < len(classes) else None for i in labels.tolist()],
                               "features": list(feats.numpy())})
         frame.to_parquet(out)
     else:
-        raise ValueError(f"--out {out}: the output must end in .npz or .parquet")
+        raise UsageError(f"--out {out}: the output must end in .npz or .parquet")
 
 
 def embed_command(out: str, inputs: list[str] | None = None, data: str | None = None, split: str = "test",
@@ -123,11 +125,11 @@ def embed_command(out: str, inputs: list[str] | None = None, data: str | None = 
     from visionft.features import embed
 
     if bool(ckpt) == bool(backbone):
-        raise ValueError("pass one of --ckpt (a trained visionft checkpoint) or --backbone (a preset or timm name)")
+        raise UsageError("pass one of --ckpt (a trained visionft checkpoint) or --backbone (a preset or timm name)")
     if bool(inputs) == bool(data):
-        raise ValueError("pass one of --inputs (image files or folders) or --data (a dataset preset, with --split)")
+        raise UsageError("pass one of --inputs (image files or folders) or --data (a dataset preset, with --split)")
     if not str(out).endswith((".npz", ".parquet")):
-        raise ValueError(f"--out {out}: the output must end in .npz or .parquet")
+        raise UsageError(f"--out {out}: the output must end in .npz or .parquet")
     size = None
     if data and backbone:  # a backbone embeds a dataset at the size its runs would use (data.image_size)
         from visionft.api import compose

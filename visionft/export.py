@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionft.errors import UsageError
+
 log = logging.getLogger(__name__)
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "exported_program": "model.pt2"}
 # max |logit difference| allowed, fp32: ATOL + RTOL x max |logit| (the logits' scale: exporters reorder float ops,
@@ -29,13 +31,11 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
     from hydra.utils import instantiate
 
     from visionft.backbones import create_backbone
-    from visionft.checkpoints import stored_node
-
-    from visionft.checkpoints import read_checkpoint
+    from visionft.checkpoints import read_checkpoint, stored_node
 
     ckpt = read_checkpoint(ckpt_path, "--ckpt")
     if "visionft" not in ckpt:
-        raise ValueError(f"{ckpt_path} is not a visionft checkpoint (no 'visionft' metadata)")
+        raise UsageError(f"{ckpt_path} is not a visionft checkpoint (no 'visionft' metadata)")
     meta = ckpt["visionft"]
     backbone = create_backbone(meta["timm_name"], meta["num_classes"], pretrained=False,
                                kwargs={k: v for k, v in meta["model_kwargs"].items() if k != "img_size"},
@@ -126,7 +126,7 @@ def export(ckpt_path: str | Path, fmt: str, out_dir: str | Path | None = None) -
     from visionft.predict import load_runner
 
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise UsageError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     model, meta, hparams = load_trained(ckpt_path)
     out = Path(out_dir) if out_dir else Path(ckpt_path).resolve().parent.parent / "export" / fmt
     out.mkdir(parents=True, exist_ok=True)

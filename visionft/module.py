@@ -17,9 +17,16 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from visionft.adapted import Adapted
 from visionft.backbones import Backbone
+from visionft.errors import UsageError
 from visionft.gates import Gates, GroupGates
-from visionft.optim import (Clock, build_param_groups, lr_lambdas, make_optimizer, training_horizon,
-                            weight_decay_of)
+from visionft.optim import (
+    Clock,
+    build_param_groups,
+    lr_lambdas,
+    make_optimizer,
+    training_horizon,
+    weight_decay_of,
+)
 from visionft.schedules import WarmupCosine
 from visionft.strategies import Strategy
 
@@ -173,7 +180,7 @@ class TransferModule(L.LightningModule):
                                     weight_decay_of(self.optimizer_factory),
                                     no_decay=lambda name: adapted.plain_name(name) in no_decay)
         if not groups:
-            raise ValueError(f"strategy {s.name} leaves no parameter to train")
+            raise UsageError(f"strategy {s.name} leaves no parameter to train")
         opt = make_optimizer(self.optimizer_factory, groups, s.lr, next(self.model.parameters()).is_cuda)
         total, steps_per_epoch = training_horizon(self.trainer)
         self.clock = clock = Clock(steps_per_epoch, total, tuple(s.phase_starts(gates.n_groups)))

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from visionft.errors import UsageError
 from visionft.schedules import warmup_cosine  # noqa: F401  (re-exported: tests and tools use it)
+
 
 def build_param_groups(
     model: nn.Module,
@@ -87,7 +89,7 @@ def training_horizon(trainer) -> tuple[int, int]:
     (after ``limit_train_batches``) and gradient accumulation; ``max_steps`` may end the run before the last epoch."""
     total = trainer.estimated_stepping_batches
     if not math.isfinite(total):
-        raise ValueError("trainer.max_epochs=-1 with no trainer.max_steps trains forever, but the LR schedule needs an "
+        raise UsageError("trainer.max_epochs=-1 with no trainer.max_steps trains forever, but the LR schedule needs an "
                          "end: set trainer.max_epochs=N or trainer.max_steps=N")
     if trainer.train_dataloader is None:  # max_epochs=-1 + max_steps: Lightning did not load the data to estimate
         trainer.fit_loop.setup_data()
@@ -105,7 +107,7 @@ def weight_decay_of(factory) -> float:
 def make_optimizer(factory, groups: list[dict], lr: float, on_cuda: bool):
     """``factory(groups, lr=lr)``; on CUDA, the fused kernel where the optimizer has one and none was chosen."""
     if "lr" in getattr(factory, "keywords", {}):
-        raise ValueError("optimizer.lr is not used: the base LR is the strategy's, set strategy.lr=...")
+        raise UsageError("optimizer.lr is not used: the base LR is the strategy's, set strategy.lr=...")
     func = getattr(factory, "func", factory)
     fused = on_cuda and "fused" in inspect.signature(func).parameters and "fused" not in getattr(factory, "keywords", {})
     return factory(groups, lr=lr, **({"fused": True} if fused else {}))

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visionft.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ def load_runner(artifact: str | Path):
     if artifact.suffix == ".pt":
         module = torch.jit.load(str(artifact), map_location="cpu").eval()
         return lambda x: module(x).detach()
-    raise ValueError(f"unknown artifact {artifact}: expected model.pt (TorchScript), model.onnx or model.pt2")
+    raise UsageError(f"unknown artifact {artifact}: expected model.pt (TorchScript), model.onnx or model.pt2")
 
 
 def read_config(artifact: Path) -> dict:
@@ -67,7 +69,7 @@ def preprocessing_of(meta: dict) -> dict:
 def _rgb_uint8(image) -> np.ndarray:
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-        raise ValueError(f"an image array must be RGB uint8 of shape (H, W, 3), got {array.dtype} {array.shape}: "
+        raise UsageError(f"an image array must be RGB uint8 of shape (H, W, 3), got {array.dtype} {array.shape}: "
                          f"scale floats in [0, 1] by 255 and cast to uint8, or pass the file path")
     return array
 

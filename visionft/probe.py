@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionft.features import Features, FeatureCache, embed, split_hash, weights_hash
+from visionft.features import FeatureCache, Features, embed, split_hash, weights_hash
 
 log = logging.getLogger(__name__)
 DEFAULT_GRID = tuple(10.0 ** e for e in range(-6, 3))  # L2 strengths on standardized features: 1e-6 .. 100

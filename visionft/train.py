@@ -15,11 +15,23 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from datamodules.imagefolder import BadImages
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
 from visionft.callbacks import Interrupted, Preemption
-from visionft.checkpoints import check_fits, config_changes, read_checkpoint, save_weights
+from visionft.checkpoints import (
+    check_fits,
+    config_changes,
+    read_checkpoint,
+    save_weights,
+)
+from visionft.errors import UsageError
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
+from visionft.outputs import (  # noqa: F401
+    ExportFailed,
+    export_final,
+    summary,
+    write_outputs,
+    write_rejected,
+)
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
-from visionft.outputs import ExportFailed, export_final, summary, write_outputs, write_rejected  # noqa: F401
 from visionft.wise import snapshot, wise_ft
 
 log = logging.getLogger(__name__)
@@ -47,7 +59,7 @@ def output_dir(cfg: DictConfig) -> Path:
         sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
         return Path(cfg.paths.output_dir) / (str(hydra.job.num) if sweep else "")
     if hydra is None:
-        raise ValueError("paths.output_dir is not set: pass paths.output_dir=DIR")
+        raise UsageError("paths.output_dir is not set: pass paths.output_dir=DIR")
     return Path(hydra.runtime.output_dir)
 
 
@@ -56,12 +68,12 @@ def check_options(cfg: DictConfig) -> None:
     from visionft.export import FORMATS
 
     if cfg.get("export") and cfg.export not in FORMATS:
-        raise ValueError(f"export={cfg.export} is not an export format; valid: {', '.join(FORMATS)}")
+        raise UsageError(f"export={cfg.export} is not an export format; valid: {', '.join(FORMATS)}")
     if wise_alphas(cfg) and any(not 0.0 <= float(a) <= 1.0 for a in wise_alphas(cfg)):
-        raise ValueError(f"wise.alphas={list(cfg.wise.alphas)} must lie in [0, 1] (0: start of fit, 1: fine-tuned)")
+        raise UsageError(f"wise.alphas={list(cfg.wise.alphas)} must lie in [0, 1] (0: start of fit, 1: fine-tuned)")
     mode = cfg.callbacks.get("mode")
     if mode not in (None, "min", "max"):
-        raise ValueError(f"callbacks.mode={mode!r} must be min or max (or null: min for a loss, max otherwise)")
+        raise UsageError(f"callbacks.mode={mode!r} must be min or max (or null: min for a loss, max otherwise)")
 
 
 def load_final(trainer: L.Trainer, module: TransferModule, weights: str) -> None:
@@ -105,11 +117,11 @@ def set_up(cfg: DictConfig) -> Parts:
     try:
         dm, backbone, module = build(cfg)
     except BadImages as e:  # on_bad_image=error: the whole list is in the run dir
-        raise ValueError(f"{e} (all of them, with reasons: {write_rejected(e.rejected, out)})") from None
+        raise UsageError(f"{e} (all of them, with reasons: {write_rejected(e.rejected, out)})") from None
     write_rejected(getattr(dm, "rejected", {}), out)
     (out / "checkpoints" / "final.ckpt").unlink(missing_ok=True)  # a reused run dir's old final model is not this run's
     if wise_alphas(cfg) and not (module.strategy.gradient_fit and module.gates.trains_body()):
-        raise ValueError(f"wise.alphas interpolates the backbone between the start and the end of fine-tuning, and "
+        raise UsageError(f"wise.alphas interpolates the backbone between the start and the end of fine-tuning, and "
                          f"strategy {module.strategy.name} leaves the backbone as it was: drop wise.alphas (or use "
                          f"strategy=lp_ft)")
     if not module.strategy.gradient_fit and (cfg.compile or any(cfg.loss.values())):
@@ -138,7 +150,7 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
         stored = read_checkpoint(resume, "ckpt_path" if cfg.ckpt_path else "resume=true: last.ckpt")
         changes = config_changes(stored.get("hyper_parameters", {}), OmegaConf.to_container(cfg, resolve=True))
         if changes and cfg.get("resume_changes", "refuse") != "allow":
-            raise ValueError(f"resuming from {resume} with a config that changes the run ({'; '.join(changes[:4])}"
+            raise UsageError(f"resuming from {resume} with a config that changes the run ({'; '.join(changes[:4])}"
                              f"{'; ...' if len(changes) > 4 else ''}): resume with that run's overrides (its "
                              f"config.yaml), or pass resume_changes=allow to continue anyway")
         check_fits(stored, p.module, f"the checkpoint {resume}")

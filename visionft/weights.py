@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from visionft.errors import UsageError
+
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights cannot be had here; the message names the backbone and the fixes."""
@@ -33,7 +35,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # never fall back to unpickling arbitrary objects
-        raise ValueError(f"{path} cannot be loaded weights-only ({type(e).__name__}: {str(e)[:200]}); "
+        raise UsageError(f"{path} cannot be loaded weights-only ({type(e).__name__}: {str(e)[:200]}); "
                          "save it as safetensors or as a plain state dict") from None
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -63,7 +65,7 @@ def apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k not in head]
     if missing or unexpected:
-        raise ValueError(
+        raise UsageError(
             f"weights from {source} do not fit {type(model).__name__}: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}{' ...' if len(missing) + len(unexpected) > 10 else ''}"
         )

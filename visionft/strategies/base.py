@@ -29,6 +29,7 @@ from typing import ClassVar
 from torch import nn
 
 from visionft.adapted import Adapted
+from visionft.errors import UsageError
 
 BN_POLICIES = ("frozen", "train")
 
@@ -43,11 +44,11 @@ class Strategy:
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
-            raise ValueError(f"strategy.lr={self.lr} must be > 0 (e.g. strategy.lr=5e-4)")
+            raise UsageError(f"strategy.lr={self.lr} must be > 0 (e.g. strategy.lr=5e-4)")
         if self.bn not in BN_POLICIES:
-            raise ValueError(f"strategy.bn={self.bn!r} is not a BatchNorm policy; valid: {', '.join(BN_POLICIES)}")
+            raise UsageError(f"strategy.bn={self.bn!r} is not a BatchNorm policy; valid: {', '.join(BN_POLICIES)}")
         if not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"strategy.layer_decay={self.layer_decay} must be in (0, 1]; 1.0 turns it off")
+            raise UsageError(f"strategy.layer_decay={self.layer_decay} must be in (0, 1]; 1.0 turns it off")
 
     @property
     def name(self) -> str:

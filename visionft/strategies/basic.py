@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from visionft.errors import UsageError
 from visionft.strategies.base import Strategy
 
 
@@ -18,7 +19,7 @@ class Scratch(Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.bn != "train":
-            raise ValueError("strategy=scratch trains BatchNorm statistics from random init: strategy.bn must be 'train'")
+            raise UsageError("strategy=scratch trains BatchNorm statistics from random init: strategy.bn must be 'train'")
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Partial(Strategy):
 
     def validate(self, n_groups: int) -> None:
         if not 0 <= self.freeze_depth <= n_groups - 1:
-            raise ValueError(
+            raise UsageError(
                 f"strategy.freeze_depth={self.freeze_depth} is out of range for this backbone: it has {n_groups} "
                 f"depth groups (stem ... head), so freeze_depth must be in 0..{n_groups - 1}"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from visionft.errors import UsageError
 from visionft.strategies.base import Strategy
 
 
@@ -16,12 +17,12 @@ class GradualUnfreeze(Strategy):
 
     def validate(self, n_groups: int) -> None:
         if self.max_depth is not None and not 1 <= self.max_depth <= n_groups:
-            raise ValueError(f"strategy.max_depth={self.max_depth} is out of range: this backbone has {n_groups} "
+            raise UsageError(f"strategy.max_depth={self.max_depth} is out of range: this backbone has {n_groups} "
                              f"depth groups, so max_depth must be in 1..{n_groups} (or null for all)")
         if self.milestones and list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"strategy.milestones={list(self.milestones)} must be increasing epochs")
+            raise UsageError(f"strategy.milestones={list(self.milestones)} must be increasing epochs")
         if self.every_n_epochs < 1:
-            raise ValueError("strategy.every_n_epochs must be >= 1")
+            raise UsageError("strategy.every_n_epochs must be >= 1")
 
     def phase_starts(self, n_groups: int) -> list[int]:
         if not self.rewarm:

@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from visionft.adapted import Adapted
+from visionft.errors import UsageError
 from visionft.strategies.base import Strategy
 
 # Default targets per timm model class (regex, full match on module names of the plain timm model).
@@ -41,7 +42,7 @@ class Lora(Strategy):
         """Names of the modules to adapt; errors name the problem (no match, grouped convolutions)."""
         pattern = self.target_modules or DEFAULT_TARGETS.get(type(model).__name__)
         if pattern is None:
-            raise ValueError(f"no default LoRA targets for {type(model).__name__}: set strategy.target_modules to a "
+            raise UsageError(f"no default LoRA targets for {type(model).__name__}: set strategy.target_modules to a "
                              f"regex over module names (known families: {', '.join(DEFAULT_TARGETS)})")
         if isinstance(pattern, str):
             names = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
@@ -49,12 +50,12 @@ class Lora(Strategy):
             names = [n for n, _ in model.named_modules() if any(n == p or n.endswith("." + p) for p in pattern)]
         if not names:
             examples = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:6]
-            raise ValueError(f"strategy.target_modules={pattern!r} matches no module of {type(model).__name__}; "
+            raise UsageError(f"strategy.target_modules={pattern!r} matches no module of {type(model).__name__}; "
                              f"module names look like {examples}")
         modules = dict(model.named_modules())
         grouped = [n for n in names if isinstance(modules[n], nn.Conv2d) and modules[n].groups > 1]
         if grouped:
-            raise ValueError(f"LoRA targets include grouped/depthwise convolutions {grouped[:3]}: peft needs the rank "
+            raise UsageError(f"LoRA targets include grouped/depthwise convolutions {grouped[:3]}: peft needs the rank "
                              f"to be a multiple of their groups and cannot merge them; target pointwise convs instead")
         return names
 
@@ -145,10 +146,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     stats = {k: v for k, v in sd.items() if k.endswith(_BN_STATS)}
     result = set_peft_model_state_dict(peft_model, {k: v for k, v in sd.items() if k not in stats})
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"adapter {folder} does not fit this model: unexpected {result.unexpected_keys[:5]}")
+        raise UsageError(f"adapter {folder} does not fit this model: unexpected {result.unexpected_keys[:5]}")
     if stats:
         missing = set(stats) - set(peft_model.state_dict())
         if missing:
-            raise ValueError(f"adapter {folder} has BatchNorm statistics this model lacks: {sorted(missing)[:5]}")
+            raise UsageError(f"adapter {folder} has BatchNorm statistics this model lacks: {sorted(missing)[:5]}")
         peft_model.load_state_dict(stats, strict=False)
     return peft_model

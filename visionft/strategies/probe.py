@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from visionft.errors import UsageError
 from visionft.probe import DEFAULT_GRID, ProbeSpec
 from visionft.strategies.base import Strategy
 from visionft.strategies.basic import Partial
@@ -22,9 +23,9 @@ class _ProbeOptions:
         if isinstance(self.l2_grid, (int, float)):  # strategy.l2_grid=1e-3: one strength
             self.l2_grid = (float(self.l2_grid),)
         if self.cache_views < 0:
-            raise ValueError(f"strategy.cache_views={self.cache_views} must be >= 0 (0: the eval transform only)")
+            raise UsageError(f"strategy.cache_views={self.cache_views} must be >= 0 (0: the eval transform only)")
         if self.l2_grid is not None and (not self.l2_grid or min(self.l2_grid) < 0):
-            raise ValueError(f"strategy.l2_grid={list(self.l2_grid)} must be a non-empty list of L2 strengths >= 0")
+            raise UsageError(f"strategy.l2_grid={list(self.l2_grid)} must be a non-empty list of L2 strengths >= 0")
 
     def _spec(self, splits: tuple[str, ...]) -> ProbeSpec:
         return ProbeSpec(cache=self.cache, cache_views=int(self.cache_views),
@@ -46,7 +47,7 @@ class LinearProbe(_ProbeOptions, Strategy):
         super().__post_init__()
         self._check_probe()
         if self.solver not in SOLVERS:
-            raise ValueError(f"strategy.solver={self.solver!r} is not a probe solver; valid: {', '.join(SOLVERS)}")
+            raise UsageError(f"strategy.solver={self.solver!r} is not a probe solver; valid: {', '.join(SOLVERS)}")
 
     def open_epoch(self, index: int, n_groups: int) -> int | None:
         return 0 if index == n_groups - 1 else None

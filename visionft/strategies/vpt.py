@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from visionft.adapted import Adapted
+from visionft.errors import UsageError
 from visionft.strategies.base import Strategy
 
 
@@ -70,13 +71,13 @@ class Vpt(Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tokens < 1:
-            raise ValueError(f"strategy.tokens={self.tokens} must be >= 1")
+            raise UsageError(f"strategy.tokens={self.tokens} must be >= 1")
 
     def prepare(self, model: nn.Module, backbone) -> PromptAdapted:
         from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(model, VisionTransformer):  # (Eva/RoPE ViTs embed positions differently)
-            raise ValueError(f"strategy=vpt needs a ViT-family backbone (timm VisionTransformer: ViT, DINOv2, CLIP), "
+            raise UsageError(f"strategy=vpt needs a ViT-family backbone (timm VisionTransformer: ViT, DINOv2, CLIP), "
                              f"not {type(model).__name__}: pick e.g. backbone=vit_small, or strategy=lora for convnets")
         head = backbone.classifier
         for name, p in model.named_parameters():
