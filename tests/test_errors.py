@@ -115,3 +115,12 @@ def test_real_bugs_keep_their_traceback(tmp_path):
     assert "Traceback" in traced.stderr and "TypeError" in traced.stderr
     full = _cli(["data.per_class=0", f"paths.output_dir={tmp_path / 'b'}"], tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr and "data.per_class=0" in full.stderr
+
+
+def test_training_settings_that_change_the_run_count_as_changes():
+    from visionft.checkpoints import config_changes
+
+    stored = {"trainer": {"precision": "32-true", "accumulate_grad_batches": 1, "max_epochs": 8}, "seed": 1}
+    now = {"trainer": {"precision": "bf16-mixed", "accumulate_grad_batches": 2, "max_epochs": 20}, "seed": 1}
+    changes = config_changes(stored, now)
+    assert changes == ["trainer.accumulate_grad_batches: 1 -> 2", "trainer.precision: '32-true' -> 'bf16-mixed'"]

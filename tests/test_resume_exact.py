@@ -55,16 +55,18 @@ def test_two_deterministic_runs_give_identical_weights(reference, tmp_path):
     assert all(torch.equal(again[k], v) for k, v in weights.items())
 
 
-@pytest.mark.parametrize("kill_step", [
-    STEPS_PER_EPOCH + 6,  # mid-epoch 1, after its mid-epoch validation and checkpoint
-    2 * STEPS_PER_EPOCH + 1,  # the first step of epoch 2, right after gradual unfreezing opened another group
-    2 * STEPS_PER_EPOCH + 6,  # right after epoch 2's mid-epoch validation
+@pytest.mark.parametrize("kill_step, workers", [
+    (STEPS_PER_EPOCH + 6, 0),  # mid-epoch 1, after its mid-epoch validation and checkpoint
+    (2 * STEPS_PER_EPOCH + 1, 0),  # the first step of epoch 2, right after gradual unfreezing opened another group
+    (2 * STEPS_PER_EPOCH + 6, 2),  # right after epoch 2's mid-epoch validation; 2 persistent loader workers
 ])
-def test_sigkill_then_resume_is_bit_identical_and_sees_each_batch_once(reference, tmp_path, kill_step):
+def test_sigkill_then_resume_is_bit_identical_and_sees_each_batch_once(reference, tmp_path, kill_step, workers):
+    """The reference ran without workers: with 2 worker processes the batches must still be the same."""
     out, crashed, resumed = tmp_path / "run", tmp_path / "crashed.txt", tmp_path / "resumed.txt"
-    killed = _run(out, crashed, "+callbacks.killer._target_=resume_helpers.Killer", f"+callbacks.killer.step={kill_step}")
+    killed = _run(out, crashed, "+callbacks.killer._target_=resume_helpers.Killer", f"+callbacks.killer.step={kill_step}",
+                  f"data.num_workers={workers}")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    done = _run(out, resumed, "resume=true")
+    done = _run(out, resumed, "resume=true", f"data.num_workers={workers}")
     assert done.returncode == 0, done.stderr[-3000:]
     weights, records = reference
     after = _records(resumed)

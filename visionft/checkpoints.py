@@ -108,10 +108,22 @@ def _flat(node, prefix: str = "") -> dict:
     return {prefix[:-1]: node}
 
 
+RUN_DEFINING_KEYS = ("trainer.accumulate_grad_batches", "trainer.precision", "trainer.limit_train_batches",
+                     "trainer.gradient_clip_val", "deterministic")
+
+
 def config_changes(stored: dict, current: dict) -> list[str]:
     """``key: stored -> current`` for every run-defining setting that differs between a checkpoint and this run."""
-    old = _flat({k: stored.get(k) for k in RUN_DEFINING})
-    new = _flat({k: current.get(k) for k in RUN_DEFINING})
+    def pick(cfg: dict) -> dict:
+        out = _flat({k: cfg.get(k) for k in RUN_DEFINING})
+        for key in RUN_DEFINING_KEYS:
+            node = cfg
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            out[key] = node
+        return out
+
+    old, new = pick(stored), pick(current)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not k.startswith(RUN_NEUTRAL)]
 
