@@ -61,17 +61,21 @@ class ProbeRun:
 
 
 # -- the solver ------------------------------------------------------------------------------------------------
-def _fit_one(x, y, l2, init, max_iter) -> tuple[torch.Tensor, torch.Tensor]:
-    w = init[0].clone().requires_grad_(True)
-    b = init[1].clone().requires_grad_(True)
+def _fit_one(x, onehot, l2, init, max_iter) -> tuple[torch.Tensor, torch.Tensor]:
+    """One L2 strength: L-BFGS on mean cross-entropy + l2 / 2 * ||W||^2, with the gradient written analytically
+    ((softmax - onehot) / n, two matmuls; about twice as fast as autograd on this memory-bound problem)."""
+    w, b = init[0].clone().requires_grad_(True), init[1].clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-4, tolerance_change=1e-5,
                             history_size=20, line_search_fn="strong_wolfe")
+    n = len(x)
 
+    @torch.no_grad()
     def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w.T + b, y) + 0.5 * l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
+        logp = torch.addmm(b, x, w.T).log_softmax(1)
+        g = (logp.exp() - onehot) / n
+        w.grad = torch.addmm(w, g.T, x, beta=l2)  # d/dW = g^T x + l2 W
+        b.grad = g.sum(0)
+        return -(logp * onehot).sum() / n + 0.5 * l2 * (w * w).sum()
 
     opt.step(closure)
     return w.detach(), b.detach()
@@ -86,14 +90,14 @@ def solve(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, tor
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # standardize on train; folded back into W and b at the end
     xs, vxs = (x - mean) / std, (vx - mean) / std
     init = (x.new_zeros(num_classes, x.shape[1]), x.new_zeros(num_classes))
+    onehot = F.one_hot(y, num_classes).to(xs.dtype)
     best, path = None, []
-    with torch.enable_grad():
-        for l2 in grid:
-            init = _fit_one(xs, y, l2, init, max_iter)
-            acc = ((vxs @ init[0].T + init[1]).argmax(1) == vy).float().mean().item()
-            path.append((l2, acc))
-            if best is None or acc > best[2]:
-                best = (l2, init, acc)
+    for l2 in grid:
+        init = _fit_one(xs, onehot, l2, init, max_iter)
+        acc = ((vxs @ init[0].T + init[1]).argmax(1) == vy).float().mean().item()
+        path.append((l2, acc))
+        if best is None or acc > best[2]:
+            best = (l2, init, acc)
     l2, (w, b), acc = best
     return ProbeFit((w / std).cpu(), (b - (w / std) @ mean).cpu(), l2, acc, path)
 
