@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-FORMAT = 1  # bump when the way features are computed changes (image reading, pre-logit definition)
+FORMAT = 2  # bump when the way features are computed changes (image reading, pre-logit definition)
 
 
 @dataclass

@@ -130,18 +130,19 @@ def knn_accuracies(bank: Features, features: dict[str, Features], num_classes: i
 
 # -- orchestration ---------------------------------------------------------------------------------------------
 class _SeededViews(torch.utils.data.Dataset):
-    """The train split under its augmentation, every (view, image) pair with its own seed: reproducible views,
-    whatever the number of loader workers."""
+    """The train split under its augmentation, K views of every image: view k of image i is the augmentation
+    training's epoch k would draw for it (``datamodules.loaders.SeededDataset``), whatever the number of workers."""
 
     def __init__(self, dataset, views: int, seed: int) -> None:
-        self.dataset, self.views, self.seed, self.n = dataset, views, seed, len(dataset)
+        from datamodules.loaders import SeededDataset
+
+        self.seeded, self.views, self.n = SeededDataset(dataset, seed), views, len(dataset)
 
     def __len__(self) -> int:
         return self.views * self.n
 
     def __getitem__(self, i: int):
-        self.dataset.transform.set_random_seed(self.seed * 1_000_003 + i)
-        return self.dataset[i % self.n]
+        return self.seeded[(i // self.n, i % self.n)]
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
