@@ -49,3 +49,20 @@ def test_solve_folds_standardization_into_the_head():
     y = (x[:, 0] + x[:, 1] / 10 > 4.5).long()
     fit = solve((x, y), (x, y), 2, grid=[1e-4])
     assert ((x @ fit.weight.T + fit.bias).argmax(1) == y).float().mean() > 0.95
+
+
+def test_embedding_a_convnet_in_nhwc_gives_the_plain_forward_and_leaves_the_model_as_it_was(features, tmp_path):
+    """embed runs a convnet in channels_last for speed: its features must be what the plain (NCHW) forward gives,
+    and the model must come back in NCHW and train mode (LP-FT fine-tunes it next)."""
+    cfg = compose_cfg(["strategy=linear_probe"], tmp_path)
+    dm, backbone, module = build(cfg)
+    dm.setup()
+    model = backbone.model.train()
+    x, _ = next(iter(torch.utils.data.DataLoader(dm.dataset("val", train_aug=False), batch_size=16)))
+    loader = [(x, torch.zeros(len(x), dtype=torch.long))]
+    feats, _ = embed(model, loader, module.normalize)
+    assert model.training
+    assert all(p.is_contiguous() for p in model.parameters())
+    with torch.no_grad():
+        plain = model.eval().forward_head(model.forward_features(module.normalize(x).contiguous()), pre_logits=True)
+    torch.testing.assert_close(feats, plain, rtol=1e-4, atol=1e-4)

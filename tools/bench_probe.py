@@ -2,6 +2,7 @@
 
 - the raw reference: one frozen forward pass over train+val+test, written as a user would (DataLoader, no_grad,
   ``forward_features`` + ``forward_head(pre_logits=True)``), timed after a one-batch warm-up; its features feed
+- (for the record, not a bar) the same pass in channels_last, as visionft embeds a convnet;
 - scikit-learn's ``LogisticRegression`` (lbfgs, standardized features, C tuned on the same val split);
 - visionft's probe run (``strategy=linear_probe``, the whole ``train(cfg)``: build, embed, solve, evaluate, write)
   with a fresh feature cache, then again reusing it (it must embed nothing), then today's gradient head
@@ -22,7 +23,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
 REPEATS = 2  # the raw pass and the cold run are each timed twice; the faster of each counts (noise of a shared machine)
-COLUMNS = ["dataset", "images", "raw_forward_s", "probe_cold_s", "cold_vs_forward", "probe_warm_s", "warm_embedded",
+COLUMNS = ["dataset", "images", "raw_forward_s", "raw_nhwc_s", "probe_cold_s", "cold_vs_forward", "probe_warm_s", "warm_embedded",
            "adamw_s", "adamw_vs_probe", "probe_test_acc", "sklearn_test_acc", "probe_minus_sklearn_pt",
            "adamw_test_acc", "knn20_test_acc"]
 
@@ -53,25 +54,30 @@ def _cfg(overrides: list[str], out: Path):
 
 
 @torch.no_grad()
-def raw_forward(overrides: list[str], out: Path) -> tuple[float, dict]:
-    """One frozen forward pass over every split, timed; returns (seconds, split -> (features, labels))."""
+def raw_forward(overrides: list[str], out: Path, nhwc: bool = False) -> tuple[float, dict]:
+    """One frozen forward pass over every split, timed; returns (seconds, split -> (features, labels)). ``nhwc``: the
+    same pass with the model and inputs in channels_last (what a user who knows the trick would write)."""
     from visionft.train import build
 
     dm, backbone, _ = build(_cfg(overrides, out))
     model = backbone.model.eval()
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    model.to(memory_format=fmt)
     mean = torch.tensor(backbone.data_config["mean"]).view(1, -1, 1, 1) * 255
     std = torch.tensor(backbone.data_config["std"]).view(1, -1, 1, 1) * 255
     loaders = {s: torch.utils.data.DataLoader(dm.dataset(s, train_aug=False), batch_size=dm.eval_batch_size,
                                               num_workers=dm.num_workers) for s in ("train", "val", "test")}
     x, _ = next(iter(loaders["val"]))
-    model.forward_head(model.forward_features((x.float() - mean) / std), pre_logits=True)  # warm-up
+    model.forward_head(model.forward_features(((x.float() - mean) / std).contiguous(memory_format=fmt)),
+                       pre_logits=True)  # warm-up
     times = []
     for _ in range(REPEATS):
         start, feats = time.perf_counter(), {}
         for split, loader in loaders.items():
             fs, ys = [], []
             for x, y in loader:
-                fs.append(model.forward_head(model.forward_features((x.float() - mean) / std), pre_logits=True))
+                x = ((x.float() - mean) / std).contiguous(memory_format=fmt)
+                fs.append(model.forward_head(model.forward_features(x), pre_logits=True))
                 ys.append(y)
             feats[split] = (torch.cat(fs).numpy(), torch.cat(ys).numpy())
         times.append(time.perf_counter() - start)
@@ -108,6 +114,7 @@ def probe_rows(work: Path, cifar_root: Path | None, extra: list[str]) -> list[di
     for name, data in datasets.items():
         common = ["strategy=linear_probe", f"paths.cache_dir={work / ('cache-' + name)}", *data, *extra]
         raw_s, feats = raw_forward(common, work / f"{name}-raw")
+        nhwc_s, _ = raw_forward(common, work / f"{name}-raw-nhwc", nhwc=True)
         colds = [train(_cfg([*common, f"paths.cache_dir={work / f'cache-{name}-{r}'}"], work / f"{name}-cold{r}"))
                  for r in range(REPEATS)]  # each with an empty cache
         cold = min(colds, key=lambda m: m["wall_time_s"])
@@ -117,6 +124,7 @@ def probe_rows(work: Path, cifar_root: Path | None, extra: list[str]) -> list[di
         acc = cold["test"]["test/acc"]
         rows.append({
             "dataset": name, "images": sum(len(v[1]) for v in feats.values()), "raw_forward_s": round(raw_s, 2),
+            "raw_nhwc_s": round(nhwc_s, 2),
             "probe_cold_s": cold["wall_time_s"], "cold_vs_forward": round(cold["wall_time_s"] / raw_s, 2),
             "probe_warm_s": warm["wall_time_s"], "warm_embedded": ",".join(warm["probe"]["embedded"]) or "none",
             "adamw_s": adamw["wall_time_s"], "adamw_vs_probe": round(adamw["wall_time_s"] / cold["wall_time_s"], 1),

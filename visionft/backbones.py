@@ -48,7 +48,8 @@ def depth_groups(model: nn.Module) -> list[DepthGroup]:
     ``conv_head``/``bn2`` (EfficientNet) into the last block; we keep that. The one generic rule on top: the
     parameters of ``model.get_classifier()`` form the head group, and anything else timm grouped with them joins
     the group before it."""
-    head = {n for n, _ in model.named_parameters() if _is_under(n, _classifier_name(model))}
+    classifier = _classifier_name(model)
+    head = {n for n, _ in model.named_parameters() if _is_under(n, classifier)}
     grouped = group_parameters(model, model.group_matcher(coarse=True))
     body = [[n for n in names if n not in head] for _, names in sorted(grouped.items())]
     body = [names for names in body if names]
