@@ -105,6 +105,8 @@ class ClassificationDataModule(L.LightningDataModule):
         augment: Mapping | None = None,
         eval_crop_pct: float | None = 1.0,
         pin_memory: bool | None = None,
+        resident: bool | str = "auto",
+        resident_max_mb: int = 2048,
     ) -> None:
         super().__init__()
         _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_fraction, per_class)
@@ -116,6 +118,10 @@ class ClassificationDataModule(L.LightningDataModule):
         self.interpolation = "bicubic"
         self.splits: dict[str, Split] | None = None
         self.classes: list[str] = []
+        if str(resident).lower() not in ("auto", "true", "false"):
+            raise UsageError(f"data.resident={resident!r} must be auto, true or false")
+        self.resident, self.resident_max_mb = str(resident).lower(), resident_max_mb
+        self._resident: tuple | None = None  # (device, split -> (images, labels)) once built
 
     # -- to implement --------------------------------------------------------------------------------------
     def load_splits(self) -> tuple[Split, Split | None, Split | None, list[str]]:
@@ -170,12 +176,37 @@ class ClassificationDataModule(L.LightningDataModule):
             t = eval_transform(self.image_size, self.interpolation, self.eval_crop_pct or 1.0)
         return _TransformDataset(self.splits[split], t)
 
+    def resident_splits(self) -> dict | None:
+        """The splits decoded and kept on the training device (``datamodules.resident``), or None when
+        ``data.resident`` is false or (auto) they cannot be: the reason is logged; with ``true`` it is an error."""
+        from datamodules import resident
+
+        self.setup()
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self._resident is not None and self._resident[0] == device:
+            return self._resident[1]
+        if self.resident == "false":
+            return None
+        reason = resident.why_not(self, trainer.world_size if trainer is not None else 1)
+        if reason:
+            if self.resident == "true":
+                raise UsageError(f"data.resident=true, but {reason}: use data.resident=auto (or false)")
+            resident.log.info("per-sample data loading: device-resident data is off because %s", reason)
+            self.resident = "false"
+            return None
+        self._resident = (device, resident.build(self, device, getattr(self, "cache_dir", None)))
+        return self._resident[1]
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         """Training: a ``ResumableLoader`` (batches a pure function of seed, epoch and position; see
         ``datamodules.loaders``) on one process, Lightning's distributed sampler under DDP. Evaluation: in order,
         with the loader's own generator (iterating never touches the global RNG)."""
         from datamodules.loaders import ResumableLoader, SeededDataset, mix
 
+        on_device = self.resident_splits()
+        if on_device is not None:
+            return self._resident_loader(split, shuffle, *on_device[split])
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         common = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0, "pin_memory": pin}
         drop_last = shuffle and len(self.splits[split]) > self.batch_size
@@ -186,6 +217,16 @@ class ClassificationDataModule(L.LightningDataModule):
         return DataLoader(self.dataset(split), batch_size=self.batch_size if split == "train" else self.eval_batch_size,
                           shuffle=shuffle, drop_last=drop_last,
                           generator=torch.Generator().manual_seed(mix(self.seed, 2)), **common)
+
+    def _resident_loader(self, split: str, shuffle: bool, images: torch.Tensor, labels: torch.Tensor):
+        from datamodules.augment import parse
+        from datamodules.resident import ResidentEvalLoader, ResidentTrainLoader
+
+        if not shuffle:
+            return ResidentEvalLoader(images, labels, self.eval_batch_size)
+        return ResidentTrainLoader(images, labels, parse(self.augment)[0], self.image_size, self.interpolation,
+                                   self.batch_size, len(labels) > self.batch_size, self.seed,
+                                   trainer_of=lambda: getattr(self, "trainer", None))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 RUN = [o for o in TINY if not o.startswith("trainer.max_epochs")] + [
     "strategy=gradual_unfreeze", "+backbone.kwargs.drop_rate=0.3", "data.augment.name=crop_flip",
     "+trainer.val_check_interval=0.5", "trainer.max_epochs=4", "deterministic=true"]
+PER_SAMPLE, RESIDENT = "data.resident=false", "data.resident=true"  # the two data paths (datamodules.resident)
 STEPS_PER_EPOCH = 9  # 144 training images, batch 16, drop_last
 
 
@@ -38,16 +39,24 @@ def _weights(out: Path) -> dict:
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reference")
-    done = _run(root / "run", root / "batches.txt")
+def _reference(root: Path, path: str):
+    done = _run(root / "run", root / "batches.txt", path)
     assert done.returncode == 0, done.stderr[-3000:]
     return _weights(root / "run"), _records(root / "batches.txt")
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _reference(tmp_path_factory.mktemp("reference"), PER_SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def reference_resident(tmp_path_factory):
+    return _reference(tmp_path_factory.mktemp("reference_resident"), RESIDENT)
+
+
 def test_two_deterministic_runs_give_identical_weights(reference, tmp_path):
-    done = _run(tmp_path / "run", tmp_path / "batches.txt")
+    done = _run(tmp_path / "run", tmp_path / "batches.txt", PER_SAMPLE)
     assert done.returncode == 0, done.stderr[-3000:]
     weights, records = reference
     assert _records(tmp_path / "batches.txt") == records
@@ -62,11 +71,21 @@ def test_two_deterministic_runs_give_identical_weights(reference, tmp_path):
 ])
 def test_sigkill_then_resume_is_bit_identical_and_sees_each_batch_once(reference, tmp_path, kill_step, workers):
     """The reference ran without workers: with 2 worker processes the batches must still be the same."""
+    _kill_resume_compare(reference, tmp_path, kill_step, PER_SAMPLE, f"data.num_workers={workers}")
+
+
+def test_resident_data_sigkill_then_resume_is_bit_identical(reference_resident, tmp_path):
+    """The device-resident path (batches augmented on the device): killed mid-epoch right after a validation and
+    a mid-epoch checkpoint, resumed, it matches its own uninterrupted run batch for batch and weight for weight."""
+    _kill_resume_compare(reference_resident, tmp_path, STEPS_PER_EPOCH + 6, RESIDENT)
+
+
+def _kill_resume_compare(reference, tmp_path, kill_step: int, *extra: str) -> None:
     out, crashed, resumed = tmp_path / "run", tmp_path / "crashed.txt", tmp_path / "resumed.txt"
     killed = _run(out, crashed, "+callbacks.killer._target_=resume_helpers.Killer", f"+callbacks.killer.step={kill_step}",
-                  f"data.num_workers={workers}")
+                  *extra)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    done = _run(out, resumed, "resume=true", f"data.num_workers={workers}")
+    done = _run(out, resumed, "resume=true", *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     weights, records = reference
     after = _records(resumed)

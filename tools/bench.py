@@ -6,6 +6,7 @@
     python tools/bench.py --case quickstart --out bench.json trainer.max_epochs=4   # extra Hydra overrides
     python tools/bench.py --case lp_ft --seeds 0 1 2                   # LP-FT / WiSE-FT vs full, mean ± std
     python tools/bench.py --case probe --cifar-root $(../shared/tools/unpack-cifar10)  # the probe's bars
+    python tools/bench.py --case overhead [--device cuda]          # visionft vs a raw loop, every backbone x strategy
 
 Each row: test accuracy and macro-F1 of the best checkpoint, trainable/total parameters, train images/s (training
 batches only) and the whole run's wall time (data, model build, fit, val and test). Speed targets live here, not in
@@ -105,7 +106,10 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", choices=sorted([*CASES, "probe"]), default="quickstart")
+    p.add_argument("--case", choices=sorted([*CASES, "probe", "overhead"]), default="quickstart")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="overhead: where both loops run")
+    p.add_argument("--cells", nargs="+", default=None, metavar="BACKBONE[:STRATEGY]",
+                   help="overhead: only these cells (e.g. resnet50 resnet18@32:full)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run every case once per seed (seed=S); "
                    "adds a mean ± std table")
@@ -118,6 +122,10 @@ def main() -> None:
         from bench_probe import COLUMNS, probe_rows
 
         rows, cols = probe_rows(work, a.cifar_root, a.overrides), COLUMNS
+    elif a.case == "overhead":
+        from bench_overhead import COLUMNS, overhead_rows
+
+        rows, cols = overhead_rows(work, a.device, a.overrides, a.cells), COLUMNS
     else:
         seeds = a.seeds or [None]
         rows = [{**run(f"{name}" + (f"-s{s}" if s is not None else ""),
@@ -129,7 +137,7 @@ def main() -> None:
                           "python": platform.python_version(), "torch": torch.__version__},
               "rows": rows}
     print(table(rows, cols))
-    if a.case != "probe" and a.seeds:
+    if a.case not in ("probe", "overhead") and a.seeds:
         report["mean_std"] = aggregate(rows)
         print(table(report["mean_std"], ["case", "n", "seeds", "test_acc", "wall_time_s", "trainable_params",
                                          "wise_alpha"]))

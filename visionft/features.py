@@ -68,10 +68,11 @@ def _tensors_hash(x: torch.Tensor, y: torch.Tensor) -> str:
 
 class FeatureCache:
     """``read(key)``: the cached features for ``key`` (a JSON-able dict) or None; ``write(key, features)`` stores
-    them. ``root=None``: no disk cache (features live for the run only)."""
+    them. ``root=None``: no disk cache (features live for the run only). ``kind``: the subfolder (``features``;
+    ``images`` holds decoded images of the device-resident data path)."""
 
-    def __init__(self, root: str | Path | None) -> None:
-        self.root = Path(root).expanduser() / "features" if root else None
+    def __init__(self, root: str | Path | None, kind: str = "features") -> None:
+        self.root = Path(root).expanduser() / kind if root else None
 
     def path(self, key: dict) -> Path | None:
         if self.root is None:

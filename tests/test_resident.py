@@ -1,0 +1,160 @@
+"""The device-resident data path against the per-sample (albumentations) path it replaces.
+
+Geometry is measured, not compared with itself: each source image encodes its own pixel coordinates (red = x,
+green = y, blue = 255 inside the image), so every augmented output reveals the affine map that produced it (a
+least-squares fit of source coordinates on output coordinates). The distributions of those maps must agree
+between albumentations and the batched rendering (two-sample KS tests)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import ks_2samp
+
+from conftest import compose_cfg
+from datamodules.augment import CropFlip, NoAugment, Shift, warp
+from datamodules.resident import ResidentEvalLoader, ResidentTrainLoader
+from datamodules.transforms import train_transform
+
+N = 600
+
+
+def coordinate_image(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 / (w - 1), yy * 255 / (h - 1), np.full((h, w), 255)], -1)
+    return np.round(img).astype(np.uint8)
+
+
+def fitted_maps(outputs: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(n, 6): per output image (HWC uint8), the least-squares affine map from output pixel to source pixel, fitted
+    on interior pixels that came from inside the source (blue = 255)."""
+    s = outputs.shape[1]
+    yy, xx = np.mgrid[0:s, 0:s]
+    design = np.stack([xx.ravel(), yy.ravel(), np.ones(s * s)], 1)
+    maps = []
+    for out in outputs.astype(np.float64):
+        inside = (out[..., 2].ravel() > 250)
+        src_x, src_y = out[..., 0].ravel() * (w - 1) / 255, out[..., 1].ravel() * (h - 1) / 255
+        coef_x = np.linalg.lstsq(design[inside], src_x[inside], rcond=None)[0]
+        coef_y = np.linalg.lstsq(design[inside], src_y[inside], rcond=None)[0]
+        maps.append(np.concatenate([coef_x, coef_y]))
+    return np.array(maps)
+
+
+def both_paths(preset_block: dict, preset, h: int, w: int, size: int):
+    img = coordinate_image(h, w)
+    t = train_transform(size, "bilinear", preset_block)
+    t.set_random_seed(0)
+    per_sample = np.stack([t(image=img)["image"] for _ in range(N)])
+    batch = torch.from_numpy(img.transpose(2, 0, 1).copy())[None].expand(N, -1, -1, -1)
+    g = torch.Generator().manual_seed(0)
+    device = warp(batch, preset.sample(N, (h, w), size, g), size, "bilinear", preset.padding)
+    return fitted_maps(per_sample, h, w), fitted_maps(device.permute(0, 2, 3, 1).numpy(), h, w)
+
+
+@pytest.mark.parametrize("block,preset,hw,size", [
+    ({"name": "crop_flip", "crop_flip": {"scale": [0.35, 1.0]}}, CropFlip((0.35, 1.0)), (32, 32), 48),
+    ({"name": "crop_flip", "crop_flip": {"scale": [0.08, 1.0]}}, CropFlip((0.08, 1.0)), (40, 56), 32),
+    ({"name": "shift", "shift": {"translate": 0.1, "zoom": 0.1, "rotate": 10}}, Shift(0.1, 0.1, 10), (32, 32), 48),
+])
+def test_batched_augmentation_draws_the_geometry_albumentations_draws(block, preset, hw, size):
+    ref, ours = both_paths(block, preset, *hw, size)
+    names = ["x<-x", "x<-y", "x0", "y<-x", "y<-y", "y0"]
+    for k, name in enumerate(names):
+        if ref[:, k].std() < 1e-3 and ours[:, k].std() < 1e-3:  # a constant term: must be the same constant
+            assert abs(ref[:, k].mean() - ours[:, k].mean()) < 0.05, name
+            continue
+        p = ks_2samp(ref[:, k], ours[:, k]).pvalue
+        assert p > 1e-3, (name, p, ref[:, k].mean(), ours[:, k].mean(), ref[:, k].std(), ours[:, k].std())
+
+
+def test_a_different_distribution_is_detected():
+    """The check has power: a crop scale of (0.6, 1) against albumentations' (0.35, 1) fails it."""
+    ref, ours = both_paths({"name": "crop_flip", "crop_flip": {"scale": [0.35, 1.0]}}, CropFlip((0.6, 1.0)),
+                           32, 32, 48)
+    assert ks_2samp(np.abs(ref[:, 0]), np.abs(ours[:, 0])).pvalue < 1e-3
+
+
+def test_no_augment_is_the_eval_geometry():
+    img = coordinate_image(30, 40)
+    ref = train_transform(24, "bilinear", {"name": "none"})(image=img)["image"]
+    ours = warp(torch.from_numpy(img.transpose(2, 0, 1).copy())[None], NoAugment().sample(1, (30, 40), 24, None),
+                24, "bilinear", "border")[0].permute(1, 2, 0).numpy()
+    assert np.abs(ref.astype(int) - ours.astype(int)).max() <= 2
+
+
+# -- the datamodule: which path, what it yields ---------------------------------------------------------------------
+def _dm(tmp_path, *overrides):
+    from visionft.train import build
+
+    dm, _, _ = build(compose_cfg(["data=synthetic", "backbone.name=test_resnet", "backbone.pretrained=false",
+                                  "data.train_size=160", "data.test_size=40", "data.batch_size=16", *overrides],
+                                 tmp_path / "run"))
+    dm.setup()
+    return dm
+
+
+def test_resident_eval_batches_are_the_per_sample_eval_batches(tmp_path):
+    """Val/test on the device are the per-sample pipeline's output, image for image (a folder of non-square PNGs:
+    resize + centre crop), and the decoded folder is read back from the disk cache the second time."""
+    from test_deploy import _labelled_folder
+    from datamodules.imagefolder import ImageFolderDataModule
+
+    root = _labelled_folder(tmp_path / "imgs", {"train": 4, "val": 3, "test": 3})
+    kw = dict(root=str(root), batch_size=4, seed=0, cache_dir=str(tmp_path / "cache"), eval_crop_pct=0.875)
+    dm = ImageFolderDataModule(resident="true", **kw)
+    dm.configure(32, "bicubic")
+    plain = ImageFolderDataModule(resident="false", **kw)
+    plain.configure(32, "bicubic")
+    for split in ("val", "test"):
+        loader = getattr(dm, f"{split}_dataloader")()
+        assert isinstance(loader, ResidentEvalLoader)
+        ours = [b for b in loader]
+        ref = [b for b in getattr(plain, f"{split}_dataloader")()]
+        assert len(ours) == len(ref)
+        for (x, y), (rx, ry) in zip(ours, ref):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+    assert len(list((tmp_path / "cache" / "images").glob("*.safetensors"))) == 3  # train, val, test
+    again = ImageFolderDataModule(resident="true", **kw)
+    again.configure(32, "bicubic")
+    again.setup()
+    for split in again.splits.values():  # a hit must not decode any file
+        split.load = lambda i: (_ for _ in ()).throw(AssertionError("decoded again"))
+    assert torch.equal(next(iter(again.test_dataloader()))[0], ours[0][0])  # ours: the test split, last above
+
+
+def test_resident_training_batches_match_the_per_sample_statistics(tmp_path):
+    """Same data, same preset (crop_flip), two paths: an epoch's per-channel pixel mean and spread agree, every
+    image is seen once per epoch in the same (seeded) order, and the labels ride along."""
+    over = ["data.augment.name=crop_flip", "data.image_size=48"]
+    dm, ref = _dm(tmp_path / "a", *over, "data.resident=true"), _dm(tmp_path / "b", *over, "data.resident=false")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResidentTrainLoader)
+    ours, theirs = list(loader), list(ref.train_dataloader())
+    assert [torch.equal(a[1], b[1]) for a, b in zip(ours, theirs)] == [True] * len(theirs)  # same order, same labels
+    x, rx = torch.cat([b[0] for b in ours]).float(), torch.cat([b[0] for b in theirs]).float()
+    assert x.shape == rx.shape and x.dtype == rx.dtype
+    torch.testing.assert_close(x.mean((0, 2, 3)), rx.mean((0, 2, 3)), atol=2.0, rtol=0)
+    torch.testing.assert_close(x.std((0, 2, 3)), rx.std((0, 2, 3)), atol=2.0, rtol=0)
+    assert torch.equal(next(iter(loader))[0], ours[0][0])  # a batch is a function of (seed, epoch, position)
+
+
+def test_resident_loader_spawns_no_worker_processes(tmp_path):
+    import multiprocessing
+
+    dm = _dm(tmp_path, "data.num_workers=2", "data.resident=true")
+    for _ in dm.train_dataloader():
+        assert multiprocessing.active_children() == []
+    plain = _dm(tmp_path / "p", "data.num_workers=2", "data.resident=false")
+    it = iter(plain.train_dataloader())
+    next(it)
+    assert multiprocessing.active_children()  # the check sees workers where there are some
+    del it
+
+
+def test_resident_auto_falls_back_and_true_refuses_in_one_line(tmp_path):
+    dm = _dm(tmp_path, "data.resident=auto", "data.resident_max_mb=0")
+    assert not isinstance(dm.train_dataloader(), ResidentTrainLoader)
+    with pytest.raises(Exception, match=r"data.resident=true, but the decoded splits need .* MiB > "
+                                        r"data.resident_max_mb=0: use data.resident=auto"):
+        _dm(tmp_path / "t", "data.resident=true", "data.resident_max_mb=0").train_dataloader()

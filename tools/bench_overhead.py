@@ -1,0 +1,219 @@
+"""What visionft costs over a hand-written loop (``python tools/bench.py --case overhead [--device cuda]``).
+
+For every backbone x strategy cell, two child processes train the same model on the same data, one after the other:
+
+- **visionft**: the real path, ``train(cfg)`` (Trainer, its callbacks and loggers, the gates, the datamodule's
+  loader and augmentation, the LR schedule), on the synthetic in-memory dataset (uint8 images; the data path is
+  the one every in-memory dataset takes);
+- **raw**: the loop a user writes by hand: the model visionft built (same weights, same parameters frozen, same
+  BatchNorm modes: the strategy's state at epoch 0, read off ``module.gates``), a fixed uint8 batch already on the
+  device, normalize, forward, cross-entropy, backward, AdamW step (fused on CUDA), no logging.
+
+Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Each side
+times windows of ``STEPS`` optimizer steps after ``WARMUP`` steps (the device synchronized at window boundaries
+only) and reports the median window's images/s and its peak memory (CUDA: ``max_memory_allocated`` after warm-up;
+CPU: the child's peak resident set). ``linear_probe`` here is its gradient head (``strategy.solver=adamw``, the only
+one with training steps); the default closed-form probe's cost is ``--case probe``'s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import lightning as L
+
+WARMUP, STEPS, WINDOWS = 3, 4, 5  # steps excluded, steps per timed window, windows (median reported)
+ROUNDS = 2  # child processes per side and cell, in ABBA order; their median-window speeds are averaged
+BACKBONES = {  # name: (overrides, image size on CPU, on CUDA); offline, weights other than the default are random
+    "efficientnet_lite0": (["backbone=efficientnet_lite0"], 64, 224),
+    "resnet50": (["backbone=resnet50", "backbone.pretrained=false"], 64, 224),
+    "vit_base_patch16_224": (["backbone=vit_base", "backbone.pretrained=false"], 64, 224),
+    "vit_small_patch14_dinov2": (["backbone=dinov2_small", "backbone.pretrained=false"], 56, 224),
+    "resnet18@32": (["backbone=resnet18", "backbone.pretrained=false"], 32, 32),
+}
+STRATEGIES = {"full": ["strategy=full"], "linear_probe": ["strategy=linear_probe", "strategy.solver=adamw"],
+              "partial": ["strategy=partial"], "lora": ["strategy=lora"]}
+CONVNETS = {"efficientnet_lite0", "resnet50", "resnet18@32"}
+
+
+def batch_size(backbone: str, device: str) -> int:
+    if device == "cuda":
+        return 512 if backbone == "resnet18@32" else 256
+    return 128 if backbone == "resnet18@32" else 16
+
+
+def cell_overrides(backbone: str, strategy: str, device: str) -> list[str]:
+    over, cpu_size, cuda_size = BACKBONES[backbone]
+    size, bs = cuda_size if device == "cuda" else cpu_size, batch_size(backbone, device)
+    steps = WARMUP + STEPS * WINDOWS
+    return [*over, *STRATEGIES[strategy], "data=synthetic", f"data.image_size={size}", f"data.batch_size={bs}",
+            f"data.train_size={int(bs * (steps + 1) / 0.9) + 1}", "data.test_size=16", "data.num_workers=0",
+            f"channels_last={device == 'cuda' and backbone in CONVNETS}",
+            f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
+            "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
+
+
+class Windows:
+    """Times windows of ``STEPS`` steps after ``WARMUP``; call ``tick()`` at the start of every step and once after
+    the last. The device is synchronized only at window boundaries."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.step, self.marks = device, 0, []
+
+    def tick(self) -> None:
+        if self.step >= WARMUP and (self.step - WARMUP) % STEPS == 0 and len(self.marks) <= WINDOWS:
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+                if not self.marks:
+                    torch.cuda.reset_peak_memory_stats()
+            self.marks.append(time.perf_counter())
+        self.step += 1
+
+    def result(self, batch: int) -> dict:
+        spans = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        if len(spans) < WINDOWS:
+            raise RuntimeError(f"only {len(spans)} of {WINDOWS} windows were timed ({self.step} steps)")
+        peak = (torch.cuda.max_memory_allocated() if self.device == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return {"images_per_s": round(STEPS * batch / statistics.median(spans), 1),
+                "window_images_per_s": [round(STEPS * batch / s, 1) for s in spans],
+                "peak_mem_mib": round(peak / 2 ** 20, 1)}
+
+
+class StepTimer(L.Callback):
+    """visionft's side: ``Windows`` ticked at every training batch start and after the last batch (before the
+    epoch's validation and checkpoints, which are not train steps)."""
+
+    def __init__(self, out: str, device: str, batch: int) -> None:
+        self.out, self.windows, self.batch = out, Windows(device), batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.windows.tick()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == trainer.num_training_batches - 1:
+            self.windows.tick()
+            Path(self.out).write_text(json.dumps(self.windows.result(self.batch)))
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("visionft.conf", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def run_visionft(overrides: list[str], out: Path, device: str, batch: int) -> None:
+    from omegaconf import open_dict
+
+    from visionft.train import train
+
+    cfg = _compose([*overrides, f"paths.output_dir={out / 'run'}", f"paths.cache_dir={out / 'cache'}"])
+    with open_dict(cfg):
+        cfg.callbacks.step_timer = {"_target_": "bench_overhead.StepTimer", "out": str(out / "result.json"),
+                                    "device": device, "batch": batch}
+    train(cfg)
+
+
+def run_raw(overrides: list[str], out: Path, device: str, batch: int) -> None:
+    """The hand-written loop on the model visionft builds for this cell (its epoch-0 trainable set and BN modes)."""
+    import torch.nn.functional as F
+
+    from visionft.train import build
+
+    cfg = _compose([*overrides, f"paths.output_dir={out / 'run'}"])
+    L.seed_everything(cfg.seed, verbose=False)
+    dm, _, module = build(cfg)
+    model = module.model.to(device).train()
+    module.gates.apply(model, 0, toggle_requires_grad=True)  # requires_grad and BatchNorm modes at epoch 0
+    channels_last = bool(cfg.channels_last)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device == "cuda")
+    mean, std = module.mean.to(device), module.std.to(device)
+    g = torch.Generator().manual_seed(0)
+    size = int(cfg.data.image_size)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)
+    y = torch.randint(0, dm.num_classes, (batch,), generator=g).to(device)
+    windows = Windows(device)
+    for _ in range(WARMUP + STEPS * WINDOWS):
+        windows.tick()
+        xf = (x.float() - mean) / std
+        if channels_last:
+            xf = xf.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = F.cross_entropy(model(xf), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    windows.tick()
+    (out / "result.json").write_text(json.dumps(windows.result(batch)))
+
+
+def measure(side: str, backbone: str, strategy: str, device: str, work: Path, extra: list[str]) -> dict:
+    """One side of one cell in a child process (a fresh process: its own peak memory, no state carried over)."""
+    out = Path(tempfile.mkdtemp(prefix=f"{side}-{backbone}-{strategy}-", dir=work))
+    cmd = [sys.executable, __file__, side, backbone, strategy, device, str(out), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads((out / "result.json").read_text())
+
+
+def _combine(results: list[dict]) -> dict:
+    """The rounds of one side: mean of their median-window speeds, largest peak memory, every window kept."""
+    bad = [r for r in results if "error" in r]
+    if bad:
+        return bad[0]
+    return {"images_per_s": round(statistics.mean(r["images_per_s"] for r in results), 1),
+            "window_images_per_s": [w for r in results for w in r["window_images_per_s"]],
+            "peak_mem_mib": max(r["peak_mem_mib"] for r in results)}
+
+
+def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | None = None) -> list[dict]:
+    """Every backbone x strategy cell (or those ``cells`` names: ``BACKBONE`` or ``BACKBONE:STRATEGY``)."""
+    wanted = [(b, s) for b in BACKBONES for s in STRATEGIES
+              if cells is None or b in cells or f"{b}:{s}" in cells]
+    rows = []
+    for backbone, strategy in wanted:
+        # ABBA order (raw, visionft, visionft, raw, ...): a drift in the machine's speed hits both sides alike
+        order = [("raw", "visionft") if r % 2 == 0 else ("visionft", "raw") for r in range(ROUNDS)]
+        runs = {"raw": [], "visionft": []}
+        for side in [s for pair in order for s in pair]:
+            runs[side].append(measure(side, backbone, strategy, device, work, extra))
+        raw, vf = (_combine(runs[side]) for side in ("raw", "visionft"))
+        row = {"backbone": backbone, "strategy": strategy, "batch": batch_size(backbone, device),
+               "image_size": BACKBONES[backbone][2 if device == "cuda" else 1]}
+        if "error" in raw or "error" in vf:
+            row.update(error=raw.get("error") or vf.get("error"))
+        else:
+            row.update(raw_images_per_s=raw["images_per_s"], visionft_images_per_s=vf["images_per_s"],
+                       ratio=round(vf["images_per_s"] / raw["images_per_s"], 3),
+                       raw_peak_mib=raw["peak_mem_mib"], visionft_peak_mib=vf["peak_mem_mib"],
+                       mem_ratio=round(vf["peak_mem_mib"] / raw["peak_mem_mib"], 3),
+                       raw_windows=raw["window_images_per_s"], visionft_windows=vf["window_images_per_s"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+COLUMNS = ["backbone", "strategy", "image_size", "batch", "raw_images_per_s", "visionft_images_per_s", "ratio",
+           "raw_peak_mib", "visionft_peak_mib", "mem_ratio"]
+
+
+if __name__ == "__main__":  # a child: python bench_overhead.py SIDE BACKBONE STRATEGY DEVICE OUT [overrides]
+    side, backbone, strategy, device, out, *extra = sys.argv[1:]
+    over = [*cell_overrides(backbone, strategy, device), *extra]
+    (run_raw if side == "raw" else run_visionft)(over, Path(out), device, batch_size(backbone, device))
