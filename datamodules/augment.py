@@ -2,7 +2,7 @@
 
 - ``albumentations(size, cv2_interp)``: the per-sample pipeline (uint8 HWC, CPU, any number of workers);
 - ``sample(n, (h, w), size, generator)``: the same random geometry for a whole batch, as (n, 3, 3) matrices mapping
-  output pixel coordinates to source pixel coordinates; ``warp`` applies them on the batch's device with one
+  output pixel coordinates to source pixel coordinates and (n, 4) boxes of the source each output may read; ``warp`` applies them on the batch's device with one
   ``grid_sample`` (the device-resident path, ``datamodules.resident``).
 
 The sampling follows albumentations' own (``RandomResizedCrop``: ten tries of area and log-ratio, start offsets,
@@ -23,6 +23,18 @@ import torch.nn.functional as F
 from visionft.errors import UsageError
 
 
+def _hw(n: int, hw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source heights and widths as float64 (n,) tensors, from one (h, w) or an (n, 2) tensor of per-image sizes."""
+    hw = torch.as_tensor(hw, dtype=torch.float64)
+    hw = hw.expand(n, 2) if hw.dim() == 1 else hw
+    return hw[:, 0], hw[:, 1]
+
+
+def _box(x0, y0, x1, y1) -> torch.Tensor:
+    """(n, 4) source-pixel bounds [x_lo, y_lo, x_hi, y_hi] of what a sample may read (border padding clamps to it)."""
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (x0, y0, x1, y1)], 1)
+
+
 @dataclass(frozen=True)
 class NoAugment:
     """``none``: the eval geometry (shorter side resized to ``size``, centre crop), nothing random."""
@@ -32,13 +44,14 @@ class NoAugment:
     def albumentations(self, size: int, interp: int) -> list:
         return [A.SmallestMaxSize(max_size=size, interpolation=interp), A.CenterCrop(height=size, width=size)]
 
-    def sample(self, n: int, hw: tuple[int, int], size: int, g: torch.Generator) -> torch.Tensor:
-        h, w = hw
-        s = size / min(h, w)
-        off_x, off_y = (round(w * s) - size) // 2, (round(h * s) - size) // 2
-        m = torch.tensor([[1 / s, 0.0, (off_x + 0.5) / s - 0.5], [0.0, 1 / s, (off_y + 0.5) / s - 0.5],
-                          [0.0, 0.0, 1.0]])
-        return m.expand(n, 3, 3).clone()
+    def sample(self, n: int, hw, size: int, g: torch.Generator | None) -> torch.Tensor:
+        h, w = _hw(n, hw)
+        s = size / torch.minimum(h, w)
+        off_x, off_y = ((w * s).round() - size) // 2, ((h * s).round() - size) // 2
+        m = torch.zeros(n, 3, 3, dtype=torch.float64)
+        m[:, 0, 0], m[:, 0, 2] = 1 / s, (off_x + 0.5) / s - 0.5
+        m[:, 1, 1], m[:, 1, 2], m[:, 2, 2] = 1 / s, (off_y + 0.5) / s - 0.5, 1
+        return m.float(), _box(torch.zeros(n), torch.zeros(n), w - 1, h - 1)
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,7 @@ class Shift:
                 A.Affine(translate_percent=(-t, t), scale=(1 - z, 1 + z), rotate=(-r, r), interpolation=interp,
                          p=1.0)]
 
-    def sample(self, n: int, hw: tuple[int, int], size: int, g: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, hw, size: int, g: torch.Generator) -> torch.Tensor:
         u = torch.rand(n, 5, generator=g, dtype=torch.float64)
         t, z, r = self.translate, self.zoom, self.rotate
         tx, ty = ((2 * u[:, :2] - 1) * t * size).trunc().unbind(1)  # albumentations: int(fraction * side)
@@ -71,10 +84,11 @@ class Shift:
         fwd[:, 0, 2] = c + tx - (fwd[:, 0, 0] + fwd[:, 0, 1]) * c
         fwd[:, 1, 2] = c + ty - (fwd[:, 1, 0] + fwd[:, 1, 1]) * c
         fwd[:, 2, 2] = 1
-        h, w = hw
-        resize = torch.tensor([[w / size, 0, 0.5 * w / size - 0.5], [0, h / size, 0.5 * h / size - 0.5], [0, 0, 1]],
-                              dtype=torch.float64)
-        return (resize @ torch.linalg.inv(fwd)).float()
+        h, w = _hw(n, hw)
+        resize = torch.zeros(n, 3, 3, dtype=torch.float64)  # A.Resize(size, size): output pixel -> source pixel
+        resize[:, 0, 0], resize[:, 0, 2] = w / size, 0.5 * w / size - 0.5
+        resize[:, 1, 1], resize[:, 1, 2], resize[:, 2, 2] = h / size, 0.5 * h / size - 0.5, 1
+        return (resize @ torch.linalg.inv(fwd)).float(), _box(torch.zeros(n), torch.zeros(n), w - 1, h - 1)
 
 
 @dataclass(frozen=True)
@@ -90,9 +104,10 @@ class CropFlip:
         return [A.RandomResizedCrop(size=(size, size), scale=tuple(self.scale), interpolation=interp),
                 A.HorizontalFlip(p=0.5)]
 
-    def sample(self, n: int, hw: tuple[int, int], size: int, g: torch.Generator) -> torch.Tensor:
-        h, w = hw
+    def sample(self, n: int, hw, size: int, g: torch.Generator) -> torch.Tensor:
+        h, w = _hw(n, hw)
         tries = torch.rand(n, 10, 4, generator=g, dtype=torch.float64)
+        h, w = h[:, None], w[:, None]  # per image, broadcast over the tries
         area = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * tries[..., 0])
         lr = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * tries[..., 1]
         cw, ch = (area * lr.exp()).sqrt().round(), (area / lr.exp()).sqrt().round()
@@ -100,12 +115,11 @@ class CropFlip:
         first = ok.float().argmax(1)  # the first try that fits
         pick = lambda t: t.gather(1, first[:, None])[:, 0]  # noqa: E731
         cw, ch = pick(cw), pick(ch)
+        h, w = h[:, 0], w[:, 0]
         x0, y0 = ((w - cw + 1) * pick(tries[..., 3])).floor(), ((h - ch + 1) * pick(tries[..., 2])).floor()
         fallback = ~ok.any(1)  # the whole image, ratio clamped into range, centred
-        fw = torch.where(torch.tensor(w / h > self.ratio[1]), torch.tensor(float(round(h * self.ratio[1]))),
-                         torch.tensor(float(w)))
-        fh = torch.where(torch.tensor(w / h < self.ratio[0]), torch.tensor(float(round(w / self.ratio[0]))),
-                         torch.tensor(float(h)))
+        fw = torch.where(w / h > self.ratio[1], (h * self.ratio[1]).round(), w)
+        fh = torch.where(w / h < self.ratio[0], (w / self.ratio[0]).round(), h)
         cw, ch = torch.where(fallback, fw, cw), torch.where(fallback, fh, ch)
         x0, y0 = torch.where(fallback, ((w - cw) // 2), x0), torch.where(fallback, ((h - ch) // 2), y0)
         flip = torch.rand(n, generator=g, dtype=torch.float64) < 0.5
@@ -114,7 +128,7 @@ class CropFlip:
         m[:, 0, 0] = torch.where(flip, -sx, sx)
         m[:, 0, 2] = x0 + torch.where(flip, (size - 0.5) * sx, 0.5 * sx) - 0.5
         m[:, 1, 1], m[:, 1, 2], m[:, 2, 2] = sy, y0 + 0.5 * sy - 0.5, 1
-        return m.float()
+        return m.float(), _box(x0, y0, x0 + cw - 1, y0 + ch - 1)  # the crop is resized on its own (edges repeat)
 
 
 PRESETS = {"none": NoAugment, "shift": Shift, "crop_flip": CropFlip}
@@ -142,15 +156,25 @@ def parse(augment: Mapping | None) -> tuple[NoAugment | Shift | CropFlip, float]
     return PRESETS[name](**opts), float(augment.get("color_jitter", 0.0) or 0.0)
 
 
-def warp(images: torch.Tensor, matrices: torch.Tensor, size: int, mode: str = "bicubic",
+def warp(images: torch.Tensor, geometry: tuple[torch.Tensor, torch.Tensor], size: int, mode: str = "bicubic",
          padding: str = "zeros") -> torch.Tensor:
-    """Resample a uint8 NCHW batch through per-sample (output pixel -> source pixel) matrices into ``size`` x
-    ``size`` uint8 images, on the batch's device."""
-    n, _, h, w = images.shape
-    to_norm = torch.tensor([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]])
-    from_norm = torch.tensor([[size / 2, 0, (size - 1) / 2], [0, size / 2, (size - 1) / 2], [0, 0, 1]])
-    theta = (to_norm @ matrices @ from_norm)[:, :2].to(images.device)
-    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
+    """Resample a uint8 NCHW batch through a preset's per-sample geometry (output pixel -> source pixel matrices,
+    and source boxes) into ``size`` x ``size`` uint8 images, on the batch's device. Images of different shapes may
+    share a zero-padded canvas (top-left aligned): each box keeps its sample inside its own image. ``padding``:
+    ``zeros`` (outside the image is black, as albumentations' Affine fills) or ``border`` (source coordinates
+    clamped into the box: edge pixels repeat, as cv2 resizes a crop)."""
+    matrices, box = geometry
+    n, _, ch, cw = images.shape
+    dev = images.device
+    box = box.float().to(dev)[:, :, None]
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32, device=dev),
+                            torch.arange(size, dtype=torch.float32, device=dev), indexing="ij")
+    out = torch.stack([xs.reshape(-1), ys.reshape(-1), torch.ones(size * size, device=dev)])  # (3, size * size)
+    src = (matrices.float().to(dev) @ out)[:, :2]  # (n, 2, size * size) source pixel coordinates
+    if padding == "border":
+        src = torch.stack([src[:, 0].maximum(box[:, 0]).minimum(box[:, 2]),
+                           src[:, 1].maximum(box[:, 1]).minimum(box[:, 3])], 1)
+    grid = torch.stack([(2 * src[:, 0] + 1) / cw - 1, (2 * src[:, 1] + 1) / ch - 1], -1).view(n, size, size, 2)
     mode = mode if mode in ("bilinear", "nearest", "bicubic") else "bilinear"
-    out = F.grid_sample(images.float(), grid, mode=mode, padding_mode=padding, align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)

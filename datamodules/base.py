@@ -121,7 +121,7 @@ class ClassificationDataModule(L.LightningDataModule):
         if str(resident).lower() not in ("auto", "true", "false"):
             raise UsageError(f"data.resident={resident!r} must be auto, true or false")
         self.resident, self.resident_max_mb = str(resident).lower(), resident_max_mb
-        self._resident: tuple | None = None  # (device, split -> (images, labels)) once built
+        self._resident: tuple | None = None  # ((device, world size), split -> (images, labels, sizes) or None)
 
     # -- to implement --------------------------------------------------------------------------------------
     def load_splits(self) -> tuple[Split, Split | None, Split | None, list[str]]:
@@ -184,19 +184,24 @@ class ClassificationDataModule(L.LightningDataModule):
         self.setup()
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        if self._resident is not None and self._resident[0] == device:
-            return self._resident[1]
+        world = trainer.world_size if trainer is not None else 1
         if self.resident == "false":
             return None
-        reason = resident.why_not(self, trainer.world_size if trainer is not None else 1)
-        if reason:
-            if self.resident == "true":
-                raise UsageError(f"data.resident=true, but {reason}: use data.resident=auto (or false)")
-            resident.log.info("per-sample data loading: device-resident data is off because %s", reason)
-            self.resident = "false"
-            return None
-        self._resident = (device, resident.build(self, device, getattr(self, "cache_dir", None)))
-        return self._resident[1]
+        if self._resident is not None and self._resident[0] == (device, world):
+            return self._resident[1]
+        self._resident = None  # another device or world: built (or refused) again below, the old copy freed
+        reason = resident.why_not(self, world)
+        if reason is None:
+            try:
+                self._resident = ((device, world), resident.build(self, device, getattr(self, "cache_dir", None)))
+                return self._resident[1]
+            except resident.TooLarge as e:
+                reason = str(e)
+        if self.resident == "true":
+            raise UsageError(f"data.resident=true, but {reason}: use data.resident=auto (or false)")
+        resident.log.info("per-sample data loading: device-resident data is off because %s", reason)
+        self._resident = ((device, world), None)  # decided for this device and world: not asked again
+        return None
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         """Training: a ``ResumableLoader`` (batches a pure function of seed, epoch and position; see
@@ -218,7 +223,7 @@ class ClassificationDataModule(L.LightningDataModule):
                           shuffle=shuffle, drop_last=drop_last,
                           generator=torch.Generator().manual_seed(mix(self.seed, 2)), **common)
 
-    def _resident_loader(self, split: str, shuffle: bool, images: torch.Tensor, labels: torch.Tensor):
+    def _resident_loader(self, split: str, shuffle: bool, images: torch.Tensor, labels: torch.Tensor, sizes=None):
         from datamodules.augment import parse
         from datamodules.resident import ResidentEvalLoader, ResidentTrainLoader
 
@@ -226,7 +231,7 @@ class ClassificationDataModule(L.LightningDataModule):
             return ResidentEvalLoader(images, labels, self.eval_batch_size)
         return ResidentTrainLoader(images, labels, parse(self.augment)[0], self.image_size, self.interpolation,
                                    self.batch_size, len(labels) > self.batch_size, self.seed,
-                                   trainer_of=lambda: getattr(self, "trainer", None))
+                                   trainer_of=lambda: getattr(self, "trainer", None), sizes=sizes)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

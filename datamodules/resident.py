@@ -2,16 +2,17 @@
 uint8 tensor kept on the training device, whole batches augmented there (``datamodules.augment``), no worker
 processes and no per-sample Python.
 
-- Train: the split as stored (images that share one shape no larger than the training size: as they are, e.g.
-  CIFAR's 32 px; others: shorter side resized to the training size and centre-cropped), augmented per batch by the
-  dataset's preset. Batch k of epoch e is a pure function of (seed, e, k): the same ``EpochOrder`` shuffle as the
-  per-sample loader, geometry drawn from a generator seeded by (seed, e, k); the loader's position is saved in
-  checkpoints, so a resumed run sees exactly the batches an uninterrupted one sees.
+- Train: every image as it is, or, when its shorter side exceeds the training size, resized so that it equals it
+  (aspect ratio kept, nothing cropped); images of different shapes share one zero-padded canvas and keep their own
+  sizes, so each crop, resize and shift is drawn on the whole image, as the per-sample path draws it. Batch k of
+  epoch e is a pure function of (seed, e, k): the same ``EpochOrder`` shuffle as the per-sample loader, geometry
+  drawn from a generator seeded by (seed, e, k); the loader's position is saved in checkpoints, so a resumed run
+  sees exactly the batches an uninterrupted one sees.
 - Val/test: the eval transform applied once per image (the per-sample path's own pipeline), then batches are
   slices.
 
 Decoded image files are cached on disk under ``<cache_dir>/images`` (the feature cache's format: key, checksum,
-atomic writes), keyed by the split's files and the geometry.
+atomic writes), keyed by the split's files, the geometry and the library versions that resize.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def stack(images, transform=None) -> torch.Tensor:
     if transform is None and isinstance(images, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     out = [transform(image=img)["image"] if transform is not None else img for img in images]
+    if not out:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     return torch.from_numpy(np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2)))
 
 
@@ -41,8 +44,10 @@ class ResidentTrainLoader:
     ``datamodules.loaders.ResumableLoader`` (``state_dict``: epoch and batches taken)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, preset, size: int, interpolation: str,
-                 batch_size: int, drop_last: bool, seed: int, trainer_of: Callable = lambda: None) -> None:
+                 batch_size: int, drop_last: bool, seed: int, trainer_of: Callable = lambda: None,
+                 sizes: torch.Tensor | None = None) -> None:
         self.images, self.labels, self.preset, self.size = images, labels, preset, int(size)
+        self.sizes = sizes  # (N, 2) each image's own (h, w) on a padded canvas; None: all fill it
         self.mode = "bicubic" if interpolation in ("bicubic", "lanczos") else (
             "nearest" if interpolation == "nearest" else "bilinear")
         self.batch_size, self.drop_last, self.seed, self.trainer_of = batch_size, drop_last, int(seed), trainer_of
@@ -63,8 +68,9 @@ class ResidentTrainLoader:
         """Batch ``k`` of ``epoch``: images ``index`` with geometry drawn from a generator seeded by (seed, epoch, k)."""
         g = torch.Generator().manual_seed(mix(self.seed, epoch, k, 7))
         idx = index.to(self.images.device)
-        m = self.preset.sample(len(index), tuple(self.images.shape[-2:]), self.size, g)
-        return warp(self.images[idx], m, self.size, self.mode, self.preset.padding), self.labels[idx]
+        hw = self.sizes[index] if self.sizes is not None else tuple(self.images.shape[-2:])
+        geometry = self.preset.sample(len(index), hw, self.size, g)
+        return warp(self.images[idx], geometry, self.size, self.mode, self.preset.padding), self.labels[idx]
 
     def __iter__(self):
         trainer = self.trainer_of()
@@ -74,8 +80,9 @@ class ResidentTrainLoader:
         order = torch.tensor(self.order.order())
         self.taken = skipped
         for k in range(skipped, len(self)):
-            yield self.batch(self.order.epoch, k, order[k * self.batch_size:(k + 1) * self.batch_size])
-            self.taken = k + 1
+            batch = self.batch(self.order.epoch, k, order[k * self.batch_size:(k + 1) * self.batch_size])
+            self.taken = k + 1  # counted when handed out: a checkpoint taken while the loop holds it resumes after it
+            yield batch
 
 
 class ResidentEvalLoader:
@@ -93,12 +100,18 @@ class ResidentEvalLoader:
             yield self.images[sl], self.labels[sl]
 
 
+class TooLarge(Exception):
+    pass
+
+
 def footprint_mb(dm) -> float:
-    """Bytes the resident splits would take (train as stored, val/test at the eval size), in MiB."""
+    """MiB the resident splits are expected to take: in-memory images as they are, files at the training size."""
+    if dm.image_size is None:
+        raise RuntimeError("image_size is not set: call configure() with the backbone's input size first")
     total = 0
     for name, split in dm.splits.items():
         if name == "train" and isinstance(split.images, np.ndarray):
-            total += split.images[:1].nbytes * len(split)
+            total += split.images.nbytes
         else:
             total += 3 * dm.image_size ** 2 * len(split)
     return total / 2 ** 20
@@ -118,42 +131,74 @@ def why_not(dm, world_size: int) -> str | None:
     return None
 
 
-def _train_images(split, size: int, interpolation: str) -> torch.Tensor:
-    """The training split as stored on the device: as it is when its images share one shape no larger than the
-    training size (CIFAR's 32 px: crops are drawn from the originals, as the per-sample path draws them); otherwise
-    shorter side resized to ``size`` and centre-cropped (crops are then drawn from that square)."""
+def _shrink(image: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    """Shorter side down to ``size`` (aspect kept), or the image as it is when it is not larger."""
+    import albumentations as A
+
+    from datamodules.transforms import _interp
+
+    if min(image.shape[:2]) <= size:
+        return image
+    return A.SmallestMaxSize(max_size=size, interpolation=_interp(interpolation))(image=image)["image"]
+
+
+def train_canvas(images, size: int, interpolation: str, budget_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) uint8 canvas (each image top-left, zero padding) and the (N, 2) sizes, decoding one image at
+    a time (``images``: an iterable of HWC arrays) so a folder of large photos never sits in memory whole."""
+    kept = [_shrink(im, size, interpolation) for im in images]
+    if not kept:
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long)
+    sizes = torch.tensor([im.shape[:2] for im in kept], dtype=torch.long)
+    hmax, wmax = (int(v) for v in sizes.max(0).values)
+    if len(kept) * 3 * hmax * wmax / 2 ** 20 > budget_mb:
+        raise TooLarge(f"the decoded training images need {len(kept) * 3 * hmax * wmax / 2 ** 20:,.0f} MiB "
+                       f"> data.resident_max_mb={budget_mb}")
+    canvas = torch.zeros(len(kept), 3, hmax, wmax, dtype=torch.uint8)
+    for i, im in enumerate(kept):
+        canvas[i, :, :im.shape[0], :im.shape[1]] = torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))
+    return canvas, sizes
+
+
+def _key(dm, split, role: str) -> dict:
+    import albumentations
+    import cv2
+
+    from visionft.features import split_hash
+
+    return {"resident": 2, "data": split_hash(split.images, split.labels), "size": dm.image_size,
+            "interpolation": dm.interpolation, "role": role, "albumentations": albumentations.__version__,
+            "cv2": cv2.__version__}
+
+
+def build(dm, device: torch.device, cache_root=None) -> dict[str, tuple]:
+    """Every split decoded once (image files: through the disk cache) and moved to ``device``: split -> (images,
+    labels, sizes or None)."""
     from datamodules.transforms import eval_transform
-
-    if isinstance(split.images, np.ndarray):
-        return stack(split.images)
-    images = [split.load(i) for i in range(len(split))]
-    if len({im.shape for im in images}) == 1 and images[0].shape[0] * images[0].shape[1] <= size * size:
-        return stack(images)
-    return stack(images, eval_transform(size, interpolation, 1.0))
-
-
-def build(dm, device: torch.device, cache_root=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every split decoded once (image files: through the disk cache) and moved to ``device``."""
-    from datamodules.transforms import eval_transform
-    from visionft.features import FeatureCache, Features, split_hash
+    from visionft.features import FeatureCache, Features
 
     cache = FeatureCache(cache_root, kind="images")
+    crop = float(dm.eval_crop_pct or 1.0)
     out = {}
     for name, split in dm.splits.items():
-        in_memory = isinstance(split.images, np.ndarray)
-        crop = float(dm.eval_crop_pct or 1.0)
-        key = {"data": split_hash(split.images, split.labels), "size": dm.image_size, "interpolation": dm.interpolation,
-               "role": "train" if name == "train" else f"eval crop {crop}"}
-        hit = None if in_memory else cache.read(key)
-        if hit is not None:
-            x = hit.x
+        labels = torch.as_tensor(split.labels, dtype=torch.long)
+        if isinstance(split.images, np.ndarray):  # in memory: train as it is, eval through its transform
+            x = stack(split.images, None if name == "train" else eval_transform(dm.image_size, dm.interpolation, crop))
+            out[name] = (x.to(device), labels.to(device), None)
+            continue
+        role = "train" if name == "train" else f"eval crop {crop}"
+        hit = cache.read(_key(dm, split, role))
+        sizes_hit = cache.read({**_key(dm, split, role), "what": "sizes"}) if name == "train" else None
+        files = (split.load(i) for i in range(len(split)))
+        if hit is not None and (name != "train" or sizes_hit is not None):
+            x, sizes = hit.x, sizes_hit.x if sizes_hit is not None else None
         elif name == "train":
-            x = _train_images(split, dm.image_size, dm.interpolation)
+            x, sizes = train_canvas(files, dm.image_size, dm.interpolation, dm.resident_max_mb)
+            cache.write({**_key(dm, split, role), "what": "sizes"}, Features(sizes, labels))
         else:
-            x = stack(split.images if in_memory else (split.load(i) for i in range(len(split))),
-                      eval_transform(dm.image_size, dm.interpolation, crop))
-        if hit is None and not in_memory:
-            cache.write(key, Features(x, torch.as_tensor(split.labels)))
-        out[name] = (x.to(device), torch.as_tensor(split.labels, dtype=torch.long).to(device))
+            x, sizes = stack(files, eval_transform(dm.image_size, dm.interpolation, crop)), None
+        if hit is None:
+            cache.write(_key(dm, split, role), Features(x, labels))
+        uniform = sizes is not None and bool((sizes == torch.tensor(x.shape[-2:])).all())
+        out[name] = (x.to(device), labels.to(device), None if uniform else sizes)
     log.info("device-resident data on %s: %s", device, {k: tuple(v[0].shape) for k, v in out.items()})
     return out

@@ -7,6 +7,7 @@
     python tools/bench.py --case lp_ft --seeds 0 1 2                   # LP-FT / WiSE-FT vs full, mean ± std
     python tools/bench.py --case probe --cifar-root $(../shared/tools/unpack-cifar10)  # the probe's bars
     python tools/bench.py --case overhead [--device cuda]          # visionft vs a raw loop, every backbone x strategy
+    python tools/bench.py --case overhead --cifar-root DIR         # resident CIFAR JPEGs vs a decode-once tensor loop
 
 Each row: test accuracy and macro-F1 of the best checkpoint, trainable/total parameters, train images/s (training
 batches only) and the whole run's wall time (data, model build, fit, val and test). Speed targets live here, not in
@@ -113,7 +114,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run every case once per seed (seed=S); "
                    "adds a mean ± std table")
-    p.add_argument("--cifar-root", type=Path, default=None, help="CIFAR-10 JPEGs (ImageFolder): the probe case's photos")
+    p.add_argument("--cifar-root", type=Path, default=None, help="CIFAR-10 JPEGs (ImageFolder): the probe case's photos; overhead: the resident-data cell")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,7 +126,14 @@ def main() -> None:
     elif a.case == "overhead":
         from bench_overhead import COLUMNS, overhead_rows
 
-        rows, cols = overhead_rows(work, a.device, a.overrides, a.cells), COLUMNS
+        photos = None
+        if a.cifar_root:  # the resident path on real JPEGs (ResNet-18 at 32 px) vs a decode-once tensor loop
+            from bench_probe import build_cifar_photos
+
+            photos = str(build_cifar_photos(a.cifar_root, work / "cifar10_photos",
+                                            (("train", 500), ("val", 20), ("test", 20))))
+        rows, cols = overhead_rows(work, a.device, a.overrides, a.cells or (["resnet18@32:full"] if photos else None),
+                                   photos), COLUMNS
     else:
         seeds = a.seeds or [None]
         rows = [{**run(f"{name}" + (f"-s{s}" if s is not None else ""),

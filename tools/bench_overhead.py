@@ -11,8 +11,8 @@ For every backbone x strategy cell, two child processes train the same model on 
 
 Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Each side
 times windows of ``STEPS`` optimizer steps after ``WARMUP`` steps (the device synchronized at window boundaries
-only) and reports the median window's images/s and its peak memory (CUDA: ``max_memory_allocated`` after warm-up;
-CPU: the child's peak resident set). ``linear_probe`` here is its gradient head (``strategy.solver=adamw``, the only
+only), ``ROUNDS`` child processes per side in ABBA order, and reports the median window's images/s and its peak
+memory (CUDA: ``max_memory_allocated`` after warm-up; CPU: the child's peak resident set). ``linear_probe`` here is its gradient head (``strategy.solver=adamw``, the only
 one with training steps); the default closed-form probe's cost is ``--case probe``'s.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import lightning as L
 
 WARMUP, STEPS, WINDOWS = 3, 4, 5  # steps excluded, steps per timed window, windows (median reported)
-ROUNDS = 2  # child processes per side and cell, in ABBA order; their median-window speeds are averaged
+ROUNDS = 2  # child processes per side and cell, in ABBA order; the median over all their windows counts
 BACKBONES = {  # name: (overrides, image size on CPU, on CUDA); offline, weights other than the default are random
     "efficientnet_lite0": (["backbone=efficientnet_lite0"], 64, 224),
     "resnet50": (["backbone=resnet50", "backbone.pretrained=false"], 64, 224),
@@ -50,12 +50,15 @@ def batch_size(backbone: str, device: str) -> int:
     return 128 if backbone == "resnet18@32" else 16
 
 
-def cell_overrides(backbone: str, strategy: str, device: str) -> list[str]:
+def cell_overrides(backbone: str, strategy: str, device: str, photos: str | None = None) -> list[str]:
+    """The cell's run: synthetic in-memory images, or (``photos``) an ImageFolder of JPEGs on the resident path."""
     over, cpu_size, cuda_size = BACKBONES[backbone]
     size, bs = cuda_size if device == "cuda" else cpu_size, batch_size(backbone, device)
     steps = WARMUP + STEPS * WINDOWS
-    return [*over, *STRATEGIES[strategy], "data=synthetic", f"data.image_size={size}", f"data.batch_size={bs}",
-            f"data.train_size={int(bs * (steps + 1) / 0.9) + 1}", "data.test_size=16", "data.num_workers=0",
+    data = ["data=imagefolder", f"data.root={photos}", "data.resident=true", "data.augment.name=crop_flip"] if photos \
+        else ["data=synthetic", f"data.train_size={int(bs * (steps + 1) / 0.9) + 1}", "data.test_size=16"]
+    return [*over, *STRATEGIES[strategy], *data, f"data.image_size={size}", f"data.batch_size={bs}",
+            "data.num_workers=0",
             f"channels_last={device == 'cuda' and backbone in CONVNETS}",
             f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
             "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=1",
@@ -145,9 +148,12 @@ def run_raw(overrides: list[str], out: Path, device: str, batch: int) -> None:
     size = int(cfg.data.image_size)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)
     y = torch.randint(0, dm.num_classes, (batch,), generator=g).to(device)
+    decoded = _decode_once(dm, size, device) if cfg.data.get("root") else None
     windows = Windows(device)
     for _ in range(WARMUP + STEPS * WINDOWS):
         windows.tick()
+        if decoded is not None:  # a decode-once tensor loop: random batch, random shift, flips
+            x, y = _tensor_batch(*decoded, batch, g)
         xf = (x.float() - mean) / std
         if channels_last:
             xf = xf.contiguous(memory_format=torch.channels_last)
@@ -160,10 +166,32 @@ def run_raw(overrides: list[str], out: Path, device: str, batch: int) -> None:
     (out / "result.json").write_text(json.dumps(windows.result(batch)))
 
 
-def measure(side: str, backbone: str, strategy: str, device: str, work: Path, extra: list[str]) -> dict:
+def _decode_once(dm, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training files decoded once with PIL into one uint8 tensor, as a hand-written loop would."""
+    import numpy as np
+    from PIL import Image
+
+    dm.setup()
+    split = dm.splits["train"]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in split.images])
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+            torch.as_tensor(split.labels).to(device))
+
+
+def _tensor_batch(images, labels, batch: int, g: torch.Generator):
+    idx = torch.randint(0, len(labels), (batch,), generator=g).to(images.device)
+    x = images[idx]
+    dx, dy = (int(v) for v in torch.randint(-4, 5, (2,), generator=g))
+    x = torch.roll(x, (dy, dx), (2, 3))
+    flip = (torch.rand(batch, generator=g) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x), labels[idx]
+
+
+def measure(side: str, backbone: str, strategy: str, device: str, work: Path, extra: list[str],
+            photos: str | None = None) -> dict:
     """One side of one cell in a child process (a fresh process: its own peak memory, no state carried over)."""
     out = Path(tempfile.mkdtemp(prefix=f"{side}-{backbone}-{strategy}-", dir=work))
-    cmd = [sys.executable, __file__, side, backbone, strategy, device, str(out), *extra]
+    cmd = [sys.executable, __file__, side, backbone, strategy, device, photos or "-", str(out), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -173,17 +201,20 @@ def measure(side: str, backbone: str, strategy: str, device: str, work: Path, ex
 
 
 def _combine(results: list[dict]) -> dict:
-    """The rounds of one side: mean of their median-window speeds, largest peak memory, every window kept."""
+    """The rounds of one side: the median over all their windows (robust to a burst of load from elsewhere on a
+    shared machine hitting one window), largest peak memory, every window kept."""
     bad = [r for r in results if "error" in r]
     if bad:
         return bad[0]
-    return {"images_per_s": round(statistics.mean(r["images_per_s"] for r in results), 1),
-            "window_images_per_s": [w for r in results for w in r["window_images_per_s"]],
+    windows = [w for r in results for w in r["window_images_per_s"]]
+    return {"images_per_s": round(statistics.median(windows), 1), "window_images_per_s": windows,
             "peak_mem_mib": max(r["peak_mem_mib"] for r in results)}
 
 
-def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | None = None) -> list[dict]:
-    """Every backbone x strategy cell (or those ``cells`` names: ``BACKBONE`` or ``BACKBONE:STRATEGY``)."""
+def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | None = None,
+                  photos: str | None = None) -> list[dict]:
+    """Every backbone x strategy cell (or those ``cells`` names: ``BACKBONE`` or ``BACKBONE:STRATEGY``); with
+    ``photos`` (an ImageFolder), on those JPEGs through the resident path against a decode-once tensor loop."""
     wanted = [(b, s) for b in BACKBONES for s in STRATEGIES
               if cells is None or b in cells or f"{b}:{s}" in cells]
     rows = []
@@ -192,9 +223,10 @@ def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | 
         order = [("raw", "visionft") if r % 2 == 0 else ("visionft", "raw") for r in range(ROUNDS)]
         runs = {"raw": [], "visionft": []}
         for side in [s for pair in order for s in pair]:
-            runs[side].append(measure(side, backbone, strategy, device, work, extra))
+            runs[side].append(measure(side, backbone, strategy, device, work, extra, photos))
         raw, vf = (_combine(runs[side]) for side in ("raw", "visionft"))
-        row = {"backbone": backbone, "strategy": strategy, "batch": batch_size(backbone, device),
+        row = {"backbone": backbone, "strategy": strategy, "data": "photos" if photos else "synthetic",
+               "batch": batch_size(backbone, device),
                "image_size": BACKBONES[backbone][2 if device == "cuda" else 1]}
         if "error" in raw or "error" in vf:
             row.update(error=raw.get("error") or vf.get("error"))
@@ -209,11 +241,11 @@ def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | 
     return rows
 
 
-COLUMNS = ["backbone", "strategy", "image_size", "batch", "raw_images_per_s", "visionft_images_per_s", "ratio",
+COLUMNS = ["backbone", "strategy", "data", "image_size", "batch", "raw_images_per_s", "visionft_images_per_s", "ratio",
            "raw_peak_mib", "visionft_peak_mib", "mem_ratio"]
 
 
 if __name__ == "__main__":  # a child: python bench_overhead.py SIDE BACKBONE STRATEGY DEVICE OUT [overrides]
-    side, backbone, strategy, device, out, *extra = sys.argv[1:]
-    over = [*cell_overrides(backbone, strategy, device), *extra]
+    side, backbone, strategy, device, photos, out, *extra = sys.argv[1:]
+    over = [*cell_overrides(backbone, strategy, device, None if photos == "-" else photos), *extra]
     (run_raw if side == "raw" else run_visionft)(over, Path(out), device, batch_size(backbone, device))
