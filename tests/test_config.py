@@ -23,6 +23,12 @@ def test_every_conf_file_composes(group, option, tmp_path):
     cfg = compose_cfg([override, *extra], tmp_path)
     if group == "experiment":  # a @package _global_ delta: it changes other groups
         assert cfg.data._target_ == "datamodules.ImageFolderDataModule" and cfg.data.per_class == 100
+    elif group == "hparams_search":  # a delta on Hydra's own config: the sweeper and its search space
+        from hydra import compose, initialize_config_module
+
+        with initialize_config_module("visionft.conf", version_base="1.3"):
+            full = compose("config", overrides=[override], return_hydra_config=True)
+        assert "optuna" in full.hydra.sweeper._target_.lower() and "strategy.lr" in full.hydra.sweeper.params
     else:
         assert cfg[group] is not None
     if group == "strategy":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import lightning as L
 
-WARMUP, STEPS, WINDOWS = 3, 4, 5  # steps excluded, steps per timed window, windows (median reported)
+WARMUP, STEPS, WINDOWS = 3, 5, 5  # steps excluded, steps per timed window, windows (median reported)
 ROUNDS = 2  # child processes per side and cell, in ABBA order; the median over all their windows counts
 BACKBONES = {  # name: (overrides, image size on CPU, on CUDA); offline, weights other than the default are random
     "efficientnet_lite0": (["backbone=efficientnet_lite0"], 64, 224),

@@ -107,7 +107,7 @@ class FeatureCache:
         if meta.get("sha256") != _tensors_hash(x, y):
             log.warning("feature cache %s is corrupt (checksum mismatch): embedding again", path)
             return None
-        log.info("features from cache: %s (%d x %d)", path.name, *x.shape)
+        log.info("read from cache: %s %s", path.name, tuple(x.shape))
         return Features(x, y, hit=True)
 
     @staticmethod
