@@ -1,19 +1,22 @@
 """What visionft costs over a hand-written loop (``python tools/bench.py --case overhead [--device cuda]``).
 
-For every backbone x strategy cell, two child processes train the same model on the same data, one after the other:
+For every backbone x strategy cell, the same model trains on the same data two ways:
 
 - **visionft**: the real path, ``train(cfg)`` (Trainer, its callbacks and loggers, the gates, the datamodule's
-  loader and augmentation, the LR schedule), on the synthetic in-memory dataset (uint8 images; the data path is
-  the one every in-memory dataset takes);
+  loader and augmentation, the LR schedule), on the synthetic in-memory dataset (uint8 images; the data path every
+  in-memory dataset takes) or, with ``photos``, an ImageFolder of JPEGs;
 - **raw**: the loop a user writes by hand: the model visionft built (same weights, same parameters frozen, same
   BatchNorm modes: the strategy's state at epoch 0, read off ``module.gates``), a fixed uint8 batch already on the
-  device, normalize, forward, cross-entropy, backward, AdamW step (fused on CUDA), no logging.
+  device (with ``photos``: the files decoded once into a tensor, random batches, shifts and flips), normalize,
+  forward, cross-entropy, backward, AdamW step (fused on CUDA), no logging.
 
 Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Each side
-times windows of ``STEPS`` optimizer steps after ``WARMUP`` steps (the device synchronized at window boundaries
-only), ``ROUNDS`` child processes per side in ABBA order, and reports the median window's images/s and its peak
-memory (CUDA: ``max_memory_allocated`` after warm-up; CPU: the child's peak resident set). ``linear_probe`` here is its gradient head (``strategy.solver=adamw``, the only
-one with training steps); the default closed-form probe's cost is ``--case probe``'s.
+times windows of ``STEPS`` optimizer steps after ``WARMUP`` steps, the device synchronized at window boundaries
+only. Speed: ``ROUNDS`` child processes, each running raw, visionft, raw (a shared machine's process-to-process
+swings of ±20% then move both sides alike); the median over all windows. Peak memory: one child per side (CUDA:
+``max_memory_allocated`` after warm-up; CPU: the child's peak resident set). ``linear_probe`` here is its gradient
+head (``strategy.solver=adamw``, the only one with training steps); the default closed-form probe's cost is
+``--case probe``'s.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import torch
 import lightning as L
 
 WARMUP, STEPS, WINDOWS = 3, 5, 5  # steps excluded, steps per timed window, windows (median reported)
-ROUNDS = 2  # child processes per side and cell, in ABBA order; the median over all their windows counts
+ROUNDS = 2  # speed processes per cell (each: raw, visionft, raw); the median over all their windows counts
 BACKBONES = {  # name: (overrides, image size on CPU, on CUDA); offline, weights other than the default are random
     "efficientnet_lite0": (["backbone=efficientnet_lite0"], 64, 224),
     "resnet50": (["backbone=resnet50", "backbone.pretrained=false"], 64, 224),
@@ -120,6 +123,7 @@ def run_visionft(overrides: list[str], out: Path, device: str, batch: int) -> No
 
     from visionft.train import train
 
+    out.mkdir(parents=True, exist_ok=True)
     cfg = _compose([*overrides, f"paths.output_dir={out / 'run'}", f"paths.cache_dir={out / 'cache'}"])
     with open_dict(cfg):
         cfg.callbacks.step_timer = {"_target_": "bench_overhead.StepTimer", "out": str(out / "result.json"),
@@ -127,7 +131,7 @@ def run_visionft(overrides: list[str], out: Path, device: str, batch: int) -> No
     train(cfg)
 
 
-def run_raw(overrides: list[str], out: Path, device: str, batch: int) -> None:
+def run_raw(overrides: list[str], out: Path, device: str, batch: int, name: str = "result.json") -> None:
     """The hand-written loop on the model visionft builds for this cell (its epoch-0 trainable set and BN modes)."""
     import torch.nn.functional as F
 
@@ -163,7 +167,18 @@ def run_raw(overrides: list[str], out: Path, device: str, batch: int) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
     windows.tick()
-    (out / "result.json").write_text(json.dumps(windows.result(batch)))
+    (out / name).write_text(json.dumps(windows.result(batch)))
+
+
+def run_both(overrides: list[str], out: Path, device: str, batch: int) -> None:
+    """Speed, in one process: raw, visionft, raw again (ABA), so a process that happens to run slower or faster on a
+    shared machine moves both sides alike; the raw side counts both its passes."""
+    run_raw(overrides, out, device, batch, "raw1.json")
+    run_visionft(overrides, out / "vf", device, batch)
+    run_raw(overrides, out, device, batch, "raw2.json")
+    raw = [json.loads((out / f).read_text())["window_images_per_s"] for f in ("raw1.json", "raw2.json")]
+    vf = json.loads((out / "vf" / "result.json").read_text())["window_images_per_s"]
+    (out / "result.json").write_text(json.dumps({"raw": raw[0] + raw[1], "visionft": vf}))
 
 
 def _decode_once(dm, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,42 +215,32 @@ def measure(side: str, backbone: str, strategy: str, device: str, work: Path, ex
     return json.loads((out / "result.json").read_text())
 
 
-def _combine(results: list[dict]) -> dict:
-    """The rounds of one side: the median over all their windows (robust to a burst of load from elsewhere on a
-    shared machine hitting one window), largest peak memory, every window kept."""
-    bad = [r for r in results if "error" in r]
-    if bad:
-        return bad[0]
-    windows = [w for r in results for w in r["window_images_per_s"]]
-    return {"images_per_s": round(statistics.median(windows), 1), "window_images_per_s": windows,
-            "peak_mem_mib": max(r["peak_mem_mib"] for r in results)}
-
-
 def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | None = None,
                   photos: str | None = None) -> list[dict]:
     """Every backbone x strategy cell (or those ``cells`` names: ``BACKBONE`` or ``BACKBONE:STRATEGY``); with
-    ``photos`` (an ImageFolder), on those JPEGs through the resident path against a decode-once tensor loop."""
+    ``photos`` (an ImageFolder), on those JPEGs through the resident path against a decode-once tensor loop.
+    Speed: ``ROUNDS`` processes each timing raw, visionft, raw (``run_both``); peak memory: one process per side."""
     wanted = [(b, s) for b in BACKBONES for s in STRATEGIES
               if cells is None or b in cells or f"{b}:{s}" in cells]
     rows = []
     for backbone, strategy in wanted:
-        # ABBA order (raw, visionft, visionft, raw, ...): a drift in the machine's speed hits both sides alike
-        order = [("raw", "visionft") if r % 2 == 0 else ("visionft", "raw") for r in range(ROUNDS)]
-        runs = {"raw": [], "visionft": []}
-        for side in [s for pair in order for s in pair]:
-            runs[side].append(measure(side, backbone, strategy, device, work, extra, photos))
-        raw, vf = (_combine(runs[side]) for side in ("raw", "visionft"))
         row = {"backbone": backbone, "strategy": strategy, "data": "photos" if photos else "synthetic",
                "batch": batch_size(backbone, device),
                "image_size": BACKBONES[backbone][2 if device == "cuda" else 1]}
-        if "error" in raw or "error" in vf:
-            row.update(error=raw.get("error") or vf.get("error"))
+        speed = [measure("both", backbone, strategy, device, work, extra, photos) for _ in range(ROUNDS)]
+        memory = {side: measure(side, backbone, strategy, device, work, extra, photos) for side in ("raw", "visionft")}
+        bad = [r["error"] for r in [*speed, *memory.values()] if "error" in r]
+        if bad:
+            row.update(error=bad[0])
         else:
-            row.update(raw_images_per_s=raw["images_per_s"], visionft_images_per_s=vf["images_per_s"],
-                       ratio=round(vf["images_per_s"] / raw["images_per_s"], 3),
-                       raw_peak_mib=raw["peak_mem_mib"], visionft_peak_mib=vf["peak_mem_mib"],
-                       mem_ratio=round(vf["peak_mem_mib"] / raw["peak_mem_mib"], 3),
-                       raw_windows=raw["window_images_per_s"], visionft_windows=vf["window_images_per_s"])
+            raw = [w for r in speed for w in r["raw"]]
+            vf = [w for r in speed for w in r["visionft"]]
+            row.update(raw_images_per_s=round(statistics.median(raw), 1),
+                       visionft_images_per_s=round(statistics.median(vf), 1),
+                       ratio=round(statistics.median(vf) / statistics.median(raw), 3),
+                       raw_peak_mib=memory["raw"]["peak_mem_mib"], visionft_peak_mib=memory["visionft"]["peak_mem_mib"],
+                       mem_ratio=round(memory["visionft"]["peak_mem_mib"] / memory["raw"]["peak_mem_mib"], 3),
+                       raw_windows=raw, visionft_windows=vf)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -248,4 +253,5 @@ COLUMNS = ["backbone", "strategy", "data", "image_size", "batch", "raw_images_pe
 if __name__ == "__main__":  # a child: python bench_overhead.py SIDE BACKBONE STRATEGY DEVICE OUT [overrides]
     side, backbone, strategy, device, photos, out, *extra = sys.argv[1:]
     over = [*cell_overrides(backbone, strategy, device, None if photos == "-" else photos), *extra]
-    (run_raw if side == "raw" else run_visionft)(over, Path(out), device, batch_size(backbone, device))
+    run = {"raw": run_raw, "visionft": run_visionft, "both": run_both}[side]
+    run(over, Path(out), device, batch_size(backbone, device))
