@@ -6,8 +6,8 @@ For every backbone x strategy cell, the same model trains on the same data two w
   loader and augmentation, the LR schedule), on the synthetic in-memory dataset (uint8 images; the data path every
   in-memory dataset takes) or, with ``photos``, an ImageFolder of JPEGs;
 - **raw**: the loop a user writes by hand: the model visionft built (same weights, same parameters frozen, same
-  BatchNorm modes: the strategy's state at epoch 0, read off ``module.gates``), a fixed uint8 batch already on the
-  device (with ``photos``: the files decoded once into a tensor, random batches, shifts and flips), normalize,
+  BatchNorm modes: the strategy's state at epoch 0, read off ``module.gates``), one batch of the same training
+  images fixed on the device (with ``photos``: the files decoded once into a tensor, random batches, shifts and flips), normalize,
   forward, cross-entropy, backward, AdamW step (fused on CUDA), no logging.
 
 Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Each side
@@ -150,8 +150,9 @@ def run_raw(overrides: list[str], out: Path, device: str, batch: int, name: str 
     mean, std = module.mean.to(device), module.std.to(device)
     g = torch.Generator().manual_seed(0)
     size = int(cfg.data.image_size)
-    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)
-    y = torch.randint(0, dm.num_classes, (batch,), generator=g).to(device)
+    # the same data: a batch of the cell's own training images (random bytes run at another speed on CPU: a
+    # random-init network's activations on smooth images go denormal, 10-20% slower)
+    x, y = (t.to(device) for t in next(iter(dm.train_dataloader())))
     decoded = _decode_once(dm, size, device) if cfg.data.get("root") else None
     windows = Windows(device)
     for _ in range(WARMUP + STEPS * WINDOWS):
