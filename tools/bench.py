@@ -101,7 +101,8 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
                     "wall_time_s", "epochs"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(f"{r[c]:,}" if isinstance(r.get(c), int) else str(r.get(c, r.get("error", "")))
+                                       for c in cols) + " |")
     return "\n".join(lines)
 
 

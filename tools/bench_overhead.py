@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -211,9 +212,12 @@ def measure(side: str, backbone: str, strategy: str, device: str, work: Path, ex
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads((out / "result.json").read_text())
+    try:
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+        return json.loads((out / "result.json").read_text())
+    finally:  # each child writes a whole run (checkpoints of a ViT-B are 1 GB): keep only the numbers
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | None = None,
