@@ -65,7 +65,29 @@ class EpochOrder(Sampler):
         return self.n
 
 
-class ResumableLoader(DataLoader):
+class Position:
+    """The checkpointed position of a training loader (Lightning's ``state_dict``/``load_state_dict`` protocol): the
+    epoch and the batches handed out. Needs ``self.order`` (an ``EpochOrder``), ``self.trainer_of``, and
+    ``self.taken``/``self._resume`` set to 0/None."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.order.epoch, "batches": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+    def start_epoch(self) -> int:
+        """Fix this iteration's epoch (the trainer's) and return the batches to skip: a saved position applies only
+        to its own epoch (an end-of-epoch checkpoint starts the next one afresh)."""
+        trainer = self.trainer_of()
+        epoch = trainer.current_epoch if trainer is not None else 0
+        resume, self._resume = self._resume, None
+        self.order.epoch, skipped = resume if resume is not None and resume[0] == epoch else (epoch, 0)
+        self.taken = skipped
+        return skipped
+
+
+class ResumableLoader(Position, DataLoader):
     """A training DataLoader over ``SeededDataset`` keys whose position survives a checkpoint (see module doc)."""
 
     def __init__(self, dataset: SeededDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
@@ -76,20 +98,8 @@ class ResumableLoader(DataLoader):
         self.order, self.trainer_of = order, trainer_of
         self.taken, self._resume = 0, None
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.order.epoch, "batches": self.taken}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume = (int(state["epoch"]), int(state["batches"]))
-
     def __iter__(self):
-        trainer = self.trainer_of()
-        epoch = trainer.current_epoch if trainer is not None else 0
-        resume, self._resume = self._resume, None
-        # a saved position applies only to its own epoch (an end-of-epoch checkpoint starts the next one afresh)
-        self.order.epoch, skipped = resume if resume is not None and resume[0] == epoch else (epoch, 0)
-        self.order.skip = skipped * self.batch_sampler.batch_size
-        self.taken = skipped
+        self.order.skip = self.start_epoch() * self.batch_sampler.batch_size
         for batch in super().__iter__():
             self.taken += 1
             yield batch

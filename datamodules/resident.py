@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from datamodules.augment import warp
-from datamodules.loaders import EpochOrder, mix
+from datamodules.loaders import EpochOrder, Position, mix
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def stack(images, transform=None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2)))
 
 
-class ResidentTrainLoader:
+class ResidentTrainLoader(Position):
     """Training batches augmented on the device: iterable, sized, with the checkpointed position of
     ``datamodules.loaders.ResumableLoader`` (``state_dict``: epoch and batches taken)."""
 
@@ -58,12 +58,6 @@ class ResidentTrainLoader:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.order.epoch, "batches": self.taken}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume = (int(state["epoch"]), int(state["batches"]))
-
     def batch(self, epoch: int, k: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``k`` of ``epoch``: images ``index`` with geometry drawn from a generator seeded by (seed, epoch, k)."""
         g = torch.Generator().manual_seed(mix(self.seed, epoch, k, 7))
@@ -73,12 +67,8 @@ class ResidentTrainLoader:
         return warp(self.images[idx], geometry, self.size, self.mode, self.preset.padding), self.labels[idx]
 
     def __iter__(self):
-        trainer = self.trainer_of()
-        epoch = trainer.current_epoch if trainer is not None else 0
-        resume, self._resume = self._resume, None
-        self.order.epoch, skipped = resume if resume is not None and resume[0] == epoch else (epoch, 0)
+        skipped = self.start_epoch()
         order = torch.tensor(self.order.order())
-        self.taken = skipped
         for k in range(skipped, len(self)):
             batch = self.batch(self.order.epoch, k, order[k * self.batch_size:(k + 1) * self.batch_size])
             self.taken = k + 1  # counted when handed out: a checkpoint taken while the loop holds it resumes after it
