@@ -18,7 +18,7 @@ def test_conf_ships_with_the_package():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_conf_file_composes(group, option, tmp_path):
-    override = f"{group}={option}"
+    override = f"{'+' if group == 'row' else ''}{group}={option}"  # row: not in the defaults list (a results-table row)
     extra = ["backbone.name=resnet18"] if (group, option) == ("backbone", "timm") else []  # the generic entry
     cfg = compose_cfg([override, *extra], tmp_path)
     if group == "experiment":  # a @package _global_ delta: it changes other groups
@@ -29,6 +29,10 @@ def test_every_conf_file_composes(group, option, tmp_path):
         with initialize_config_module("visionft.conf", version_base="1.3"):
             full = compose("config", overrides=[override], return_hydra_config=True)
         assert "optuna" in full.hydra.sweeper._target_.lower() and "strategy.lr" in full.hydra.sweeper.params
+    elif group == "row":  # a @package _global_ delta: a strategy (and maybe its options or wise.alphas)
+        named = (CONF / "row" / f"{option}.yaml").read_text().split("override /strategy: ")[1].split()[0]
+        assert cfg.strategy._target_ == compose_cfg([f"strategy={named}"], tmp_path).strategy._target_
+        assert instantiate(cfg.strategy).lr > 0 and cfg.data.per_class is None  # a row is only a strategy delta
     else:
         assert cfg[group] is not None
     if group == "strategy":

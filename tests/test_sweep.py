@@ -1,4 +1,4 @@
-"""A Hydra multirun over freezing depth, collected by tools/sweep_report.py."""
+"""A Hydra multirun over freezing depth, collected by `visionft report`."""
 from __future__ import annotations
 
 import csv
@@ -6,11 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -28,7 +25,7 @@ def test_freeze_depth_sweep_and_report(tmp_path):
     trainable = [json.loads((sweep / j / "metrics.json").read_text())["trainable_params"] for j in jobs]
     assert trainable[0] > trainable[1] > trainable[2] > 0  # deeper freezing, fewer trainable parameters
 
-    report = subprocess.run([sys.executable, str(ROOT / "tools" / "sweep_report.py"), str(sweep)],
+    report = subprocess.run([sys.executable, "-m", "visionft", "report", str(sweep)],
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]
     table = report.stdout
@@ -36,7 +33,11 @@ def test_freeze_depth_sweep_and_report(tmp_path):
     rows = list(csv.DictReader(open(sweep / "report.csv")))
     assert [r["strategy.freeze_depth"] for r in rows] == ["0", "2", "4"]
     assert [int(r["trainable_params"]) for r in rows] == trainable
-    assert (sweep / "report.png").stat().st_size > 1000 and (sweep / "report.md").is_file()
+    assert [int(r["n"]) for r in rows] == [1, 1, 1]
+    accs = [json.loads((sweep / j / "metrics.json").read_text())["test"]["test/acc"] for j in jobs]
+    assert [float(r["mean"]) for r in rows] == pytest.approx(accs)
+    assert (sweep / "metric.png").stat().st_size > 1000 and (sweep / "report.md").is_file()
+    assert all((sweep / j / "README.md").is_file() for j in jobs)  # every job left its own report
 
 
 @pytest.mark.slow

@@ -62,7 +62,10 @@ def fit(config: DictConfig | Sequence[str] = (), output_dir: str | Path | None =
     out = output_dir or cfg.paths.get("output_dir") or Path("outputs") / stamp
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
-    metrics = train(cfg)
+    # the command line the run's card gives: the overrides as `python -m visionft` would take them
+    overrides = None if isinstance(config, DictConfig) else [*config, *([f"paths.output_dir={output_dir}"]
+                                                                         if output_dir else [])]
+    metrics = train(cfg, overrides)
     return Run(metrics, Path(metrics["output_dir"]))
 
 

@@ -1,4 +1,4 @@
-"""``visionft export``, ``visionft predict`` and ``visionft embed``: plain argparse, so that any path works (Hydra's override grammar
+"""``visionft export``, ``predict``, ``embed`` and ``report``: plain argparse, so that any path works (Hydra's override grammar
 rejects spaces, parentheses, commas, '=' and non-ASCII characters in values)."""
 from __future__ import annotations
 
@@ -67,7 +67,24 @@ def embed_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"export": export_main, "predict": predict_main, "embed": embed_main}
+def report_main(argv: list[str]) -> int:
+    from visionft.report import build
+
+    p = argparse.ArgumentParser(prog="visionft report", description="(Re)build the report of a run directory "
+                                "(README.md model card, report/) or of a sweep (multirun) directory (report.md, "
+                                "report.csv, runs.csv, plots), from the files alone.")
+    p.add_argument("path", help="a run directory (has metrics.json) or a multirun directory")
+    p.add_argument("--metric", default="test/acc", help="sweeps: the metric to compare (default test/acc)")
+    p.add_argument("--seed-key", default="seed", help="sweeps: the swept key averaged over (default seed)")
+    a = p.parse_args(argv)
+    written = build(a.path, a.metric, a.seed_key)
+    print("\n".join(str(w) for w in written))
+    if (md := next((w for w in written if w.name == "report.md"), None)) is not None:
+        print(md.read_text())
+    return 0
+
+
+COMMANDS = {"export": export_main, "predict": predict_main, "embed": embed_main, "report": report_main}
 
 
 def run(command: str, argv: list[str]) -> int:

@@ -160,12 +160,13 @@ class TransferModule(L.LightningModule):
         metrics.update(logits, y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return logits  # for callbacks (the report's test predictions); Lightning keeps nothing of it
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, "val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_metrics, "test")
+        return self._eval_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch, batch_idx):
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch).softmax(-1)

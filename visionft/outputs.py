@@ -1,5 +1,5 @@
 """What a run leaves in its output directory: ``metrics.json`` and ``config.yaml`` (rewritten as phases finish),
-``bad_images.csv``, the export, and the summary line."""
+``bad_images.csv``, the report, the export, and the summary line."""
 from __future__ import annotations
 
 import json
@@ -57,3 +57,23 @@ def summary(m: dict, out: Path) -> str:
             f", macro-F1 {t.get('test/f1_macro', float('nan')):.4f}; trainable {m['trainable_params']:,} of "
             f"{m['total_params']:,} params; {m['train_images_per_s']:.0f} train img/s; {m['wall_time_s']:.0f} s\n"
             f"outputs: {out}\n")
+
+
+def task_overrides() -> list[str] | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def write_report(metrics: dict, out: Path) -> None:
+    """The run's report from its files; a failure to draw it is logged with its traceback and recorded in
+    ``metrics.json`` (``report_error``), and never costs the trained run or its export."""
+    from visionft.report import run as run_report
+
+    try:
+        run_report.write(out)
+        metrics.pop("report_error", None)
+    except Exception as e:  # noqa: BLE001 - the run is saved; the report is rebuilt with `visionft report`
+        log.exception("the run's report could not be written (rebuild it with `visionft report %s`)", out)
+        metrics["report_error"] = f"{type(e).__name__}: {e}"
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

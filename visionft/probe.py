@@ -221,15 +221,21 @@ def run_probe(module, dm, spec: ProbeSpec, cache_dir, device="cpu", precision: s
     return run
 
 
+def feature_logits(module, feats: Features) -> torch.Tensor:
+    """The model's head applied to cached features, in fp32 on the CPU (as the saved checkpoint runs)."""
+    head = nn.Module.get_submodule(module.adapted.model, module.adapted.backbone.classifier)
+    with torch.no_grad():
+        return F.linear(feats.x, head.weight.detach().float().cpu().flatten(1), head.bias.detach().float().cpu())
+
+
 def feature_metrics(module, feats: Features, stage: str) -> dict[str, float]:
     """The stage's metrics (loss, acc, macro-F1, top-5) of the model's head on cached features: what evaluating
     the frozen backbone + head on the images gives (same transform, same precision; the head itself is applied in
     fp32, as the saved checkpoint runs), without a forward pass."""
     from visionft.module import make_metrics
 
-    head = nn.Module.get_submodule(module.adapted.model, module.adapted.backbone.classifier)
+    logits = feature_logits(module, feats)
     with torch.no_grad():
-        logits = F.linear(feats.x, head.weight.detach().float().cpu().flatten(1), head.bias.detach().float().cpu())
         metrics = make_metrics(logits.shape[1], f"{stage}/")(logits, feats.y)
         out = {f"{stage}/loss": F.cross_entropy(logits, feats.y).item()}
     return out | {k: float(v) for k, v in metrics.items()}

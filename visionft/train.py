@@ -28,10 +28,14 @@ from visionft.outputs import (  # noqa: F401
     ExportFailed,
     export_final,
     summary,
+    task_overrides,
     write_outputs,
     write_rejected,
+    write_report,
 )
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
+from visionft.report.predictions import TestPredictions, feature_probs
+from visionft.report.predictions import save as save_predictions
 from visionft.wise import snapshot, wise_ft
 
 log = logging.getLogger(__name__)
@@ -166,7 +170,9 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
     return best or str(p.out / "checkpoints" / "last.ckpt"), probe, wise_start
 
 
-def record(p: Parts, final: str, probe: ProbeRun | None, start: float) -> dict:
+def record(p: Parts, final: str, probe: ProbeRun | None, start: float, overrides: list[str] | None) -> dict:
+    m, n = p.module, p.module.gates.n_groups
+    clock = getattr(m, "clock", None)
     return {
         "artifacts": [],
         "val": {}, "test": {},
@@ -182,6 +188,11 @@ def record(p: Parts, final: str, probe: ProbeRun | None, start: float) -> dict:
         "strategy": p.module.strategy.name,
         "data": p.dm.sizes(),
         **({"probe": probe.summary()} if probe is not None else {}),
+        "overrides": overrides,  # the command line that reproduces the run (None: a composed config was passed)
+        "precision": str(p.trainer.precision),
+        "steps_per_epoch": clock.steps_per_epoch if clock is not None else None,
+        "opens": {name: m.strategy.open_epoch(d, n) for d, name in enumerate(m.group_names)},
+        "param_groups": m.param_group_rows(),
     }
 
 
@@ -198,23 +209,31 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
         if p.trainer.is_global_zero:
             final = metrics["final_checkpoint"] = save_weights(p.module, p.out / "checkpoints" / "final.ckpt")
     if p.module.strategy.gradient_fit:
+        collector = TestPredictions()
+        p.trainer.callbacks.append(collector)
         val, test = evaluate(p.trainer, p.module, p.dm)
+        p.trainer.callbacks.remove(collector)
+        predicted = collector.result
     else:
         val, test = evaluate_features(p.trainer, p.module, probe)
+        predicted = feature_probs(p.module, probe.features["test"]) if "test" in probe.features else None
+    if predicted is not None and p.trainer.is_global_zero:
+        save_predictions(p.out, *predicted, p.module.meta["classes"], p.dm)
     metrics.update(val={k: float(v) for k, v in val.items()}, test={k: float(v) for k, v in test.items()})
     if probe is not None:
         metrics["probe"]["knn"] = knn_accuracies(probe.knn_bank(), probe.features, p.dm.num_classes)
     return final
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``, or the probe, or the WiSE-FT
-    choice) on val and test, write ``metrics.json`` and ``config.yaml`` into the output directory, then artifacts
-    and the export."""
+    choice) on val and test, write ``metrics.json``, ``config.yaml`` and the report (``README.md``, ``report/``)
+    into the output directory, then artifacts and the export. ``overrides``: the command line behind ``cfg``
+    (under Hydra, Hydra's own), recorded so that the report can say how to reproduce the run."""
     start = time.perf_counter()
     p = set_up(cfg)
     final, probe, wise_start = fit_phase(cfg, p)
-    metrics = record(p, final, probe, start)
+    metrics = record(p, final, probe, start, task_overrides() if overrides is None else list(overrides))
     if p.trainer.is_global_zero:  # the fit is on record before any later phase can fail
         write_outputs(metrics, cfg, p.out)
     try:
@@ -227,8 +246,13 @@ def train(cfg: DictConfig) -> dict:
         return metrics
     write_outputs(metrics, cfg, p.out)
     metrics["artifacts"] = [str(a) for a in p.module.strategy.save_artifacts(p.module.adapted, p.out)]
+    write_outputs(metrics, cfg, p.out)
+    write_report(metrics, p.out)  # before the export: a failed export leaves the report (and it names the failure)
     if cfg.get("export"):
-        metrics["artifacts"].append(str(export_final(final, cfg.export, p.out, metrics, cfg)))
+        try:
+            metrics["artifacts"].append(str(export_final(final, cfg.export, p.out, metrics, cfg)))
+        finally:
+            write_report(metrics, p.out)
     write_outputs(metrics, cfg, p.out)
     print(summary(metrics, p.out))
     return metrics

@@ -1,0 +1,205 @@
+"""Every run's report (model card, per-class table, confusion matrix, curves, wrong images) and the sweep report,
+checked against things the report code does not compute: the trained model's own predictions on the labelled test
+split, torchmetrics' macro-F1 from the test loop, numpy over hand-made sweep results, and a CLI run of the same
+overrides."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra.utils import instantiate
+from PIL import Image
+
+import visionft
+from conftest import TINY
+
+RUN = [*TINY, "data.num_classes=4", "data.train_size=96", "data.test_size=48", "trainer.max_epochs=2"]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "visionft", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def gradual_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    return visionft.fit([*RUN, "strategy=gradual_unfreeze", "trainer.max_epochs=3"], output_dir=out)
+
+
+def test_per_class_table_and_confusion_match_the_trained_models_own_predictions(gradual_run):
+    run = gradual_run
+    trained = visionft.load(run.dir)
+    dm = instantiate(visionft.compose(RUN).data)
+    dm.setup()
+    images, labels = dm.splits["test"].images, dm.splits["test"].labels
+    guess = np.array([trained.classes.index(r["label_1"]) for r in trained.predict(list(images), topk=1)])
+    table = pd.read_csv(run.dir / "report" / "per_class.csv")
+    assert list(table["class"]) == trained.classes
+    for c in range(4):  # precision, recall and support by hand, from the deployable model's predictions
+        tp = np.sum((guess == c) & (labels == c))
+        assert table["support"][c] == np.sum(labels == c)
+        assert table["recall"][c] == pytest.approx(tp / max(np.sum(labels == c), 1), abs=1e-4)
+        assert table["precision"][c] == pytest.approx(tp / max(np.sum(guess == c), 1), abs=1e-4)
+    # the test loop's torchmetrics macro-F1 (computed during evaluation, not from the saved predictions)
+    assert table["f1"].mean() == pytest.approx(run.metrics["test"]["test/f1_macro"], abs=1e-4)
+    card = (run.dir / "README.md").read_text()
+    assert f"{run.metrics['test']['test/acc']:.4f}" in card and "| class_3 |" in card
+    pred = np.load(run.dir / "predictions" / "test.npz")
+    wrong = pred["wrong_index"]
+    assert len(wrong) == min(25, int(np.sum(guess != labels)))
+    assert np.all(guess[wrong] != labels[wrong])
+    conf = pred["probs"][wrong].max(1)
+    assert np.all(np.diff(conf) <= 1e-7)  # most confident first
+    assert Image.open(run.dir / "report" / "confusion.png").size[0] > 300
+    assert Image.open(run.dir / "report" / "wrong.png").size[0] > 300
+
+
+def test_curves_mark_where_groups_open_and_the_card_says_what_trained(gradual_run):
+    run = gradual_run
+    m = run.metrics
+    assert m["opens"]["head"] == 0 and sorted(e for e in m["opens"].values() if e is not None)[:3] == [0, 1, 2]
+    card = (run.dir / "README.md").read_text()
+    opened = re.search(r"Groups opened after the start: (.*)", card).group(1)
+    assert opened.count("at epoch") == 2 and "at epoch 1" in opened and "at epoch 2" in opened  # 3 epochs: 2 opens
+    assert "![curves](report/curves.png)" in card
+    # the param-group table: what the optimizer held at the end (trainable yes/no per group)
+    rows = {r["group"]: r for r in m["param_groups"]}
+    assert rows["head"]["trainable"] and not rows[min(m["opens"], key=lambda g: -(m["opens"][g] or 0))]["trainable"]
+    curves = pd.read_csv(run.dir / "csv" / "metrics.csv")
+    assert curves.filter(like="lr-").notna().any().any()  # the LR curves the figure draws were logged
+    assert Image.open(run.dir / "report" / "curves.png").size[0] > 800
+
+
+def test_report_rebuilds_from_the_files_alone(gradual_run, tmp_path):
+    run = gradual_run
+    card = (run.dir / "README.md").read_text()
+    per_class = (run.dir / "report" / "per_class.csv").read_text()
+    for f in (run.dir / "report").iterdir():
+        f.unlink()
+    (run.dir / "README.md").unlink()
+    r = cli("report", str(run.dir), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run.dir / "README.md").read_text() == card
+    assert (run.dir / "report" / "per_class.csv").read_text() == per_class
+    assert {p.name for p in (run.dir / "report").iterdir()} == {"per_class.csv", "confusion.png", "curves.png",
+                                                               "wrong.png"}
+
+
+def test_report_of_something_else_is_one_line_exit_2(tmp_path):
+    r = cli("report", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no run" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_and_api_runs_leave_the_same_directory_and_report(tmp_path):
+    overrides = [*RUN, "strategy=partial"]
+    visionft.fit(overrides, output_dir=tmp_path / "api")
+    r = cli(*overrides, f"paths.output_dir={tmp_path / 'cli'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def files(d: Path) -> set[str]:
+        return {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and not p.name.endswith(".log")
+                and ".hydra" not in p.parts and "tb" not in p.parts}
+
+    assert files(tmp_path / "api") == files(tmp_path / "cli")
+
+    def card(d: Path) -> str:  # the run's own path, speed and time differ; everything else is the same
+        text = (d / "README.md").read_text().replace(str(d), "RUN")
+        return re.sub(r"[\d,.]+ train images/s, wall time [\d,.]+ s", "", text)
+
+    assert card(tmp_path / "api") == card(tmp_path / "cli")
+    assert "python -m visionft " + " ".join(overrides) + " paths.output_dir=RUN" in card(tmp_path / "cli")
+
+
+def test_the_probe_path_reports_from_its_cached_features(tmp_path):
+    run = visionft.fit([*RUN, "strategy=linear_probe"], output_dir=tmp_path / "probe")
+    table = pd.read_csv(run.dir / "report" / "per_class.csv")
+    assert table["f1"].mean() == pytest.approx(run.metrics["test"]["test/f1_macro"], abs=1e-4)
+    assert (table["support"].sum(), run.metrics["data"]["test"]) == (48, 48)
+    card = (run.dir / "README.md").read_text()
+    assert "no gradient epochs" in card and not (run.dir / "report" / "curves.png").exists()
+
+
+def test_a_failed_export_still_leaves_the_report(tmp_path, monkeypatch):
+    import visionft.export
+    from visionft.train import ExportFailed, train
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(visionft.export, "export", broken)
+    cfg = visionft.compose([*RUN, "trainer.max_epochs=1", "export=onnx", f"paths.output_dir={tmp_path / 'x'}"])
+    with pytest.raises(ExportFailed):
+        train(cfg)
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert "Export failed: RuntimeError: exporter exploded" in card
+    assert (tmp_path / "x" / "report" / "confusion.png").is_file()
+
+
+def test_confusion_matrix_stays_readable_at_100_classes(tmp_path):
+    from visionft.report.plots import confusion
+
+    rng = np.random.default_rng(0)
+    matrix = rng.integers(0, 5, (100, 100)) + np.eye(100, dtype=int) * 50
+    path = confusion(matrix, [f"class_name_{i}" for i in range(100)], tmp_path / "c.png")
+    width, height = Image.open(path).size
+    assert height / 100 >= 15 and width / 100 >= 15  # at least 15 pixels per class row and column
+
+
+# -- sweeps ----------------------------------------------------------------------------------------------------
+def fake_sweep(root: Path) -> dict:
+    """A multirun directory: strategy x lr x 3 seeds; one job died before metrics.json, one after fit (no test
+    metrics), and one group lost every seed."""
+    rng = np.random.default_rng(1)
+    truth, job = {}, 0
+    for strategy in ("full", "lora"):
+        for lr in ("0.001", "0.01"):
+            for seed in (0, 1, 2):
+                d = root / str(job)
+                (d / ".hydra").mkdir(parents=True)
+                (d / ".hydra" / "overrides.yaml").write_text(
+                    f"- strategy={strategy}\n- +strategy.lr={lr}\n- seed={seed}\n- data.root=/d\n")
+                acc = float(rng.uniform(0.5, 0.9))
+                if (strategy, lr, seed) == ("full", "0.01", 1):
+                    (d / "__main__.log").write_text("epoch 1\nerror: data.root=/d does not exist\n")
+                elif (strategy, lr, seed) == ("full", "0.001", 2):
+                    (d / "metrics.json").write_text(json.dumps({"val": {}, "test": {}, "trainable_params": 10}))
+                elif (strategy, lr) == ("lora", "0.01"):
+                    (d / "__main__.log").write_text("Traceback (most recent call last):\n  boom\n")
+                else:
+                    truth.setdefault((strategy, lr), []).append(acc)
+                    (d / "metrics.json").write_text(json.dumps({
+                        "val": {"val/acc": acc}, "test": {"test/acc": acc},
+                        "trainable_params": 1000 if strategy == "full" else 10, "wall_time_s": 1.0,
+                        "train_images_per_s": 100.0}))
+                job += 1
+    return truth
+
+
+def test_sweep_report_groups_over_seeds_and_lists_failures(tmp_path):
+    truth = fake_sweep(tmp_path / "sweep")
+    r = cli("report", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    groups = pd.read_csv(tmp_path / "sweep" / "report.csv", dtype={"strategy.lr": str})
+    assert len(groups) == 4 and set(groups.columns) >= {"strategy", "strategy.lr", "n", "mean", "std", "failed"}
+    for (strategy, lr), accs in truth.items():
+        g = groups[(groups["strategy"] == strategy) & (groups["strategy.lr"] == lr)].iloc[0]
+        assert g["n"] == len(accs) and g["mean"] == pytest.approx(np.mean(accs))
+        assert g["std"] == pytest.approx(np.std(accs, ddof=1))
+    lost = groups[(groups["strategy"] == "lora") & (groups["strategy.lr"] == "0.01")].iloc[0]
+    assert (lost["n"], lost["failed"]) == (0, 3) and pd.isna(lost["mean"])
+    runs = pd.read_csv(tmp_path / "sweep" / "runs.csv")
+    assert len(runs) == 12 and runs["failed"].notna().sum() == 5
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "## Failed runs" in md and "data.root=/d does not exist" in md and "no test/acc in metrics.json" in md
+    assert "12 runs, 5 failed" in md
+    for png in ("metric.png", "params.png"):
+        assert Image.open(tmp_path / "sweep" / png).size[0] > 300

@@ -1,0 +1,102 @@
+"""The run's model card (``<run>/README.md``): data and splits, backbone and weights, strategy and what trained,
+metrics (overall and per class), figures, the exact command that reproduces the run, and the artifacts."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ARTIFACTS = ["checkpoints/*.ckpt", "export/*/*", "adapter/*", "*.safetensors", "wise/*", "predictions/*",
+             "bad_images.csv", "metrics.json", "config.yaml", "csv/metrics.csv"]
+
+
+def _md(df: pd.DataFrame) -> str:
+    def cell(v):
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        return f"{v:.4g}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
+
+    rows = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    rows += ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.astype(object).itertuples(index=False)]
+    return "\n".join(rows)
+
+
+def entered_opens(metrics: dict) -> dict[str, int]:
+    """Groups that opened after the start, in an epoch the run reached."""
+    return {g: e for g, e in (metrics.get("opens") or {}).items() if e and e < metrics.get("epochs", 0)}
+
+
+def command(run: Path, metrics: dict) -> str:
+    overrides = metrics.get("overrides")
+    if overrides is None:  # a Python API run from a composed config: its saved config is the exact recipe
+        return f"python -m visionft -cp {shlex.quote(str(run.resolve()))} -cn config paths.output_dir=NEW_DIR"
+    return " ".join(["python -m visionft", *(shlex.quote(o) for o in overrides)])
+
+
+def _data(cfg: dict, metrics: dict) -> list[str]:
+    d = cfg.get("data", {})
+    sizes = metrics.get("data", {})
+    opts = {k: d[k] for k in ("root", "per_class", "val_fraction", "test_fraction", "image_size", "augment", "seed")
+            if d.get(k) is not None}
+    return [f"- datamodule: `{d.get('_target_', '?')}`",
+            f"- splits: {', '.join(f'{k} {v:,}' for k, v in sizes.items())} images",
+            *(f"- `data.{k}`: {v}" for k, v in opts.items())]
+
+
+def _model(cfg: dict, metrics: dict) -> list[str]:
+    s = {k: v for k, v in cfg.get("strategy", {}).items() if k != "_target_"}
+    trained, total = metrics.get("trainable_params", 0), metrics.get("total_params", 0) or 1
+    lines = [f"- backbone: `{metrics.get('backbone')}`, weights: {metrics.get('weights')}",
+             f"- strategy: **{metrics.get('strategy')}** (`{cfg.get('strategy', {}).get('_target_', '')}`), options: "
+             f"{', '.join(f'{k}={v}' for k, v in s.items())}",
+             f"- trained: {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%), "
+             f"{metrics.get('epochs', 0)} epochs, {metrics.get('train_images_per_s', 0):,.0f} train images/s, "
+             f"wall time {metrics.get('wall_time_s', 0):,.0f} s",
+             f"- optimizer: `{cfg.get('optimizer', {}).get('_target_', '')}`, schedule: "
+             f"`{cfg.get('scheduler', {}).get('_target_', '')}`, precision: {metrics.get('precision') or cfg.get('trainer', {}).get('precision')}"]
+    groups = metrics.get("param_groups")
+    if groups:
+        cols = ["group", "params", "base_lr", "trainable", "bn"]
+        lines += ["", "Param groups at the end of training (what trained, at which LR, BatchNorm mode):", "",
+                  _md(pd.DataFrame(groups)[[c for c in cols if c in groups[0]]])]
+    opens = entered_opens(metrics)
+    if opens:
+        lines += ["", "Groups opened after the start: " + ", ".join(f"{g} at epoch {e}" for g, e in opens.items())]
+    return lines
+
+
+def _metrics(metrics: dict) -> list[str]:
+    rows = [{"metric": k.split("/", 1)[1], "val": metrics.get("val", {}).get(k),
+             "test": metrics.get("test", {}).get(k.replace("val/", "test/"))} for k in metrics.get("val", {})]
+    lines = [_md(pd.DataFrame(rows).fillna("-"))] if rows else ["(no evaluation on record)"]
+    if "wise" in metrics:
+        lines.append(f"\nWiSE-FT: alpha {metrics['wise']['alpha']:g} chosen on val (curve: `wise/alpha_curve.png`)")
+    if "probe" in metrics and metrics["probe"].get("knn"):
+        lines.append(f"\nk-NN on the frozen features: {metrics['probe']['knn']}")
+    return lines
+
+
+def model_card(run: Path, metrics: dict, per_class: pd.DataFrame | None, figures: list[Path], notes: dict) -> str:
+    cfg_path = run / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    test = metrics.get("test", {})
+    head = f"# {metrics.get('strategy')} on {metrics.get('backbone')}"
+    summary = (f"Test accuracy **{test['test/acc']:.4f}**, macro-F1 {test.get('test/f1_macro', float('nan')):.4f} "
+               f"on {metrics.get('data', {}).get('test', 0):,} test images." if "test/acc" in test
+               else "No test metrics on record.")
+    parts = [head, "", summary, "", "## Data", *_data(cfg, metrics), "", "## Model and strategy", *_model(cfg, metrics),
+             "", "## Metrics", *_metrics(metrics)]
+    if per_class is not None:
+        parts += ["", "### Per class (test)", "", _md(per_class)]
+    parts += ["", "## Figures", *(f"![{p.stem}]({p.as_posix()})" for p in figures if p.suffix == ".png")]
+    parts += [f"- {why}" for why in notes.values()]
+    parts += ["", "## Reproduce", "", "```", command(run, metrics), "```", "",
+              "Rebuild this report from the run's files: `visionft report " + shlex.quote(str(run)) + "`"]
+    found = sorted({p.relative_to(run).as_posix() for pat in ARTIFACTS for p in run.glob(pat) if p.is_file()})
+    if metrics.get("export_error"):
+        parts += ["", f"Export failed: {metrics['export_error']}"]
+    parts += ["", "## Artifacts", *(f"- `{a}`" for a in found),
+              *(["- `tb/`: TensorBoard logs (`tensorboard --logdir tb`)"] if (run / "tb").is_dir() else [])]
+    return "\n".join(parts) + "\n"

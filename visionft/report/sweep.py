@@ -1,0 +1,103 @@
+"""A sweep's report (a Hydra multirun directory): runs grouped by every swept key except the seed, mean ± std over
+seeds with n, failed runs listed (never dropped), and the metric plotted against the swept keys and against
+trainable parameters. Writes ``report.md``, ``report.csv`` (groups), ``runs.csv`` (every job), ``metric.png`` and
+``params.png``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from visionft.report import plots
+from visionft.report.card import _md
+
+PER_RUN = ["trainable_params", "total_params", "wall_time_s", "train_images_per_s"]
+
+
+def jobs(root: Path) -> list[Path]:
+    """Job directories: those Hydra started (``.hydra/overrides.yaml``) or that hold a ``metrics.json``."""
+    found = {p.parent.parent for p in root.glob("**/.hydra/overrides.yaml")} | {p.parent for p in root.glob("*/metrics.json")}
+    return sorted((j for j in found if j != root), key=lambda p: (len(p.name), p.name))
+
+
+def _failure(job: Path, metrics: dict | None, metric: str) -> str | None:
+    if metrics is not None and metrics.get(metric.split("/", 1)[0], {}).get(metric) is not None:
+        return None
+    why = "no metrics.json" if metrics is None else f"no {metric} in metrics.json"
+    log = next(iter(sorted(job.glob("*.log"))), None)
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log else []
+    errors = [ln for ln in lines if "error" in ln.lower() or "Traceback" in ln]
+    return f"{why}; log: {(errors or lines or ['(empty)'])[-1].strip()[:200]}" if log else why
+
+
+def collect(root: Path, metric: str) -> pd.DataFrame:
+    """One row per job: its overrides (prefixes ``+``/``~`` dropped), the metric, cost columns, and why it failed."""
+    rows = []
+    for job in jobs(root):
+        ofile = job / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(ofile.read_text()) or [] if ofile.is_file() else []
+        params = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+        mfile = job / "metrics.json"
+        m = json.loads(mfile.read_text()) if mfile.is_file() else None
+        failed = _failure(job, m, metric)
+        value = None if failed else m[metric.split("/", 1)[0]][metric]
+        rows.append({"job": job.relative_to(root).as_posix(), **params, metric: value,
+                     **{k: (m or {}).get(k) for k in PER_RUN}, "failed": failed})
+    return pd.DataFrame(rows)
+
+
+def swept(runs: pd.DataFrame, metric: str) -> list[str]:
+    fixed = {"job", metric, "failed", *PER_RUN}
+    return [c for c in runs.columns if c not in fixed and runs[c].astype(str).nunique() > 1]
+
+
+def group(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
+    ok = runs[runs["failed"].isna()]
+    by = keys or (lambda _: "all")
+    agg = ok.groupby(by, sort=False, dropna=False).agg(n=(metric, "size"), mean=(metric, "mean"), std=(metric, "std"),
+                                          trainable_params=("trainable_params", "first"),
+                                          wall_time_s=("wall_time_s", "mean"),
+                                          train_images_per_s=("train_images_per_s", "mean")).reset_index()
+    failed = runs[runs["failed"].notna()].groupby(by, sort=False, dropna=False).size().rename("failed")
+    agg = agg.merge(failed.reset_index(), how="outer", on=keys) if keys else agg.assign(failed=len(runs) - len(ok))
+    agg["n"] = agg["n"].fillna(0).astype(int)
+    agg["failed"] = agg["failed"].fillna(0).astype(int)
+    return agg.sort_values("mean", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def write(root: Path, metric: str = "test/acc", seed_key: str = "seed", out: Path | None = None) -> list[Path]:
+    root = Path(root)
+    out = Path(out or root)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = collect(root, metric)
+    keys = [k for k in swept(runs, metric) if k != seed_key]
+    groups = group(runs, keys, metric)
+    runs.to_csv(out / "runs.csv", index=False)
+    groups.to_csv(out / "report.csv", index=False)
+    written = [out / "runs.csv", out / "report.csv"]
+    plotted = groups[groups["n"] > 0]
+    figures = []
+    if keys and not plotted.empty:
+        figures.append(plots.sweep_metric(plotted, keys, metric, out / "metric.png"))
+    if not plotted.empty and plotted["trainable_params"].notna().all():
+        figures.append(plots.sweep_params(plotted, keys or ["n"], metric, out / "params.png"))
+    show = groups.assign(**{f"{metric} mean ± std": [_pm(m, s) for m, s in zip(groups["mean"], groups["std"])]})
+    cols = [*keys, f"{metric} mean ± std", "n", "failed", "trainable_params", "wall_time_s", "train_images_per_s"]
+    fails = runs[runs["failed"].notna()]
+    text = [f"# Sweep report: {root}", "",
+            f"{len(runs)} runs, {len(fails)} failed; grouped by {', '.join(keys) or '(nothing swept)'}, "
+            f"mean ± std (sample std) over `{seed_key}` and any repeat", "", _md(show[cols]), "",
+            *(f"![{f.stem}]({f.name})" for f in figures)]
+    if len(fails):
+        text += ["", "## Failed runs", "", _md(fails[["job", *keys, *([seed_key] if seed_key in fails else []),
+                                                      "failed"]])]
+    (out / "report.md").write_text("\n".join(text) + "\n")
+    return [*written, *figures, out / "report.md"]
+
+
+def _pm(mean, std) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.4f} ± {std:.4f}" if not pd.isna(std) else f"{mean:.4f}"
