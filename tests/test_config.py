@@ -68,7 +68,7 @@ def test_configs_are_found_from_a_non_editable_install(tmp_path):
     wheel = next(wheels.glob("visionft-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    code = ("import visionft.conf, hydra; from hydra import compose, initialize_config_module\n"
+    code = ("import visionft.conf, visionft.report.run, hydra; from hydra import compose, initialize_config_module\n"
             "with initialize_config_module('visionft.conf', version_base='1.3'):\n"
             "    cfg = compose('config', overrides=['strategy=ulmfit', 'backbone=dinov2_small'])\n"
             "print(visionft.conf.__file__); print(cfg.strategy.layer_decay, cfg.backbone.name)")
