@@ -87,11 +87,16 @@ def sweep_metric(groups: pd.DataFrame, keys: list[str], metric: str, path: Path)
     fig, ax = _plt().subplots(figsize=(max(6, 0.6 * groups[keys[0]].nunique() + 3), 4))
     x_key, hue = keys[0], keys[1:]
     labels = groups[hue].astype(str).agg(", ".join, axis=1) if hue else pd.Series([""] * len(groups), groups.index)
+    numeric = pd.to_numeric(groups[x_key], errors="coerce").notna().all()
     order = list(dict.fromkeys(groups[x_key].astype(str)))
+    if numeric:  # a numeric key: in increasing order, the points joined; categories stay points
+        order = sorted(order, key=float)
     for label in dict.fromkeys(labels):
         part = groups[labels == label]
-        xs = [order.index(v) for v in part[x_key].astype(str)]
-        ax.errorbar(xs, part["mean"], yerr=part["std"].fillna(0), marker="o", capsize=3, label=label or None)
+        part = part.assign(_x=[order.index(v) for v in part[x_key].astype(str)]).sort_values("_x")
+        xs = part["_x"]
+        ax.errorbar(xs, part["mean"], yerr=part["std"].fillna(0), fmt="o-" if numeric else "o", capsize=3,
+                    label=label or None)
     ax.set_xticks(range(len(order)), order, rotation=30 if len(order) > 4 else 0, ha="right" if len(order) > 4 else "center")
     ax.set(xlabel=x_key, ylabel=f"{metric} (mean ± std over seeds)")
     if hue:

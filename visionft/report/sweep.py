@@ -64,7 +64,7 @@ def group(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
     agg = agg.merge(failed.reset_index(), how="outer", on=keys) if keys else agg.assign(failed=len(runs) - len(ok))
     agg["n"] = agg["n"].fillna(0).astype(int)
     agg["failed"] = agg["failed"].fillna(0).astype(int)
-    return agg.sort_values("mean", ascending=False, na_position="last").reset_index(drop=True)
+    return agg.reset_index(drop=True)  # in the sweep's own order (the plot's x order too)
 
 
 def write(root: Path, metric: str = "test/acc", seed_key: str = "seed", out: Path | None = None) -> list[Path]:
