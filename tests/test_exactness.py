@@ -211,8 +211,16 @@ def test_every_value_an_experiment_sets_survives_composition(name, tmp_path):
     leaves = dict(_leaves(delta))
     assert leaves
     for key, value in leaves.items():
-        if key != "data.root":
+        if key != "data.root" and not key.startswith("hydra."):
             assert OmegaConf.select(cfg, key) == value, key
+    hydra_keys = {k: v for k, v in leaves.items() if k.startswith("hydra.")}  # e.g. the sweep an experiment runs
+    if hydra_keys:
+        from hydra import compose, initialize_config_module
+
+        with initialize_config_module("visionft.conf", version_base="1.3"):
+            full = compose("config", overrides=[f"experiment={name}", "data.root=/x"], return_hydra_config=True)
+        for key, value in hydra_keys.items():
+            assert OmegaConf.select(full, key) == value, key
 
 
 def test_an_experiment_overrides_every_base_value(tmp_path):
