@@ -79,18 +79,57 @@ def test_curves_mark_where_groups_open_and_the_card_says_what_trained(gradual_ru
 
 
 def test_report_rebuilds_from_the_files_alone(gradual_run, tmp_path):
-    run = gradual_run
-    card = (run.dir / "README.md").read_text()
-    per_class = (run.dir / "report" / "per_class.csv").read_text()
-    for f in (run.dir / "report").iterdir():
-        f.unlink()
-    (run.dir / "README.md").unlink()
-    r = cli("report", str(run.dir), cwd=tmp_path)
+    import shutil
+
+    run_dir = shutil.copytree(gradual_run.dir, tmp_path / "copy")  # the fixture's run stays as it was
+    def same(text: str) -> str:  # the copy's path or the original's: the same run
+        return text.replace(str(run_dir), "RUN").replace(str(gradual_run.dir), "RUN")
+
+    card = same((run_dir / "README.md").read_text())
+    per_class = (run_dir / "report" / "per_class.csv").read_text()
+    shutil.rmtree(run_dir / "report")
+    (run_dir / "README.md").unlink()
+    r = cli("report", str(run_dir), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (run.dir / "README.md").read_text() == card
-    assert (run.dir / "report" / "per_class.csv").read_text() == per_class
-    assert {p.name for p in (run.dir / "report").iterdir()} == {"per_class.csv", "confusion.png", "curves.png",
+    assert same((run_dir / "README.md").read_text()) == card
+    assert (run_dir / "report" / "per_class.csv").read_text() == per_class
+    assert {p.name for p in (run_dir / "report").iterdir()} == {"per_class.csv", "confusion.png", "curves.png",
                                                                "wrong.png"}
+
+
+def test_class_names_with_markdown_and_tex_characters_are_drawn_and_tabled_as_written(tmp_path):
+    from visionft.report import run as report_run
+
+    classes = ["a|b", "price_$5", "price_$10", "line\nbreak"]
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 5)
+    probs = rng.dirichlet(np.ones(4), 20).astype(np.float32)
+    wrong = np.flatnonzero(probs.argmax(1) != labels)[:5]
+    (tmp_path / "predictions").mkdir()
+    np.savez(tmp_path / "predictions" / "test.npz", probs=probs, labels=labels, classes=np.asarray(classes),
+             wrong_index=wrong, wrong_images=np.zeros((len(wrong), 8, 8, 3), np.uint8),
+             wrong_paths=np.asarray([""] * len(wrong)))
+    (tmp_path / "metrics.json").write_text(json.dumps({"strategy": "Full", "backbone": "b", "val": {}, "test": {},
+                                                       "data": {"test": 20}, "overrides": ["resume=true", "seed=1"]}))
+    report_run.write(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    rows = [ln for ln in card.splitlines() if ln.startswith("| a") or ln.startswith("| price")]
+    assert len(rows) == 3 and all(ln.replace("\\|", "").count("|") == 6 for ln in rows)  # 5 columns each
+    assert "python -m visionft seed=1\n" in card  # the run's command, not its resume
+    assert Image.open(tmp_path / "report" / "wrong.png").size[0] > 100
+
+
+def test_a_report_failure_never_costs_the_trained_run(tmp_path, monkeypatch):
+    import visionft.train
+
+    def broken(*a, **k):
+        raise OSError("disk trouble while saving predictions")
+
+    monkeypatch.setattr(visionft.train, "save_predictions", broken)
+    run = visionft.fit([*RUN, "trainer.max_epochs=1"], output_dir=tmp_path / "r")
+    saved = json.loads((run.dir / "metrics.json").read_text())
+    assert saved["test"]["test/acc"] == run.metrics["test"]["test/acc"] and "disk trouble" in saved["report_error"]
+    assert (run.dir / "README.md").is_file() and not (run.dir / "report" / "per_class.csv").exists()
 
 
 def test_report_of_something_else_is_one_line_exit_2(tmp_path):
@@ -203,3 +242,28 @@ def test_sweep_report_groups_over_seeds_and_lists_failures(tmp_path):
     assert "12 runs, 5 failed" in md
     for png in ("metric.png", "params.png"):
         assert Image.open(tmp_path / "sweep" / png).size[0] > 300
+
+
+def test_sweep_with_an_output_dir_keeps_numeric_order_and_counts_crashed_jobs(tmp_path):
+    """A multirun with paths.output_dir=DIR writes DIR/<num> without .hydra: the overrides come from metrics.json;
+    a job that crashed before its metrics still has its folder."""
+    root = tmp_path / "mine"
+    for job, depth in enumerate(("0", "2", "10")):
+        for seed in (0, 1):
+            d = root / str(2 * job + seed)
+            d.mkdir(parents=True)
+            (d / "overrides.yaml").write_text(f"- strategy.freeze_depth={depth}\n- seed={seed}\n")  # at start
+            if (depth, seed) == ("2", 1):
+                continue  # crashed
+            (d / "metrics.json").write_text(json.dumps({
+                "test": {"test/acc": 0.5 + 0.1 * job + 0.01 * seed}, "trainable_params": 100 - job,
+                "overrides": [f"strategy.freeze_depth={depth}", f"seed={seed}"]}))
+    r = cli("report", str(root), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    groups = pd.read_csv(root / "report.csv", dtype={"strategy.freeze_depth": str})
+    assert list(groups["strategy.freeze_depth"]) == ["0", "2", "10"]
+    assert list(groups["n"]) == [2, 1, 2] and list(groups["failed"]) == [0, 1, 0]
+    assert groups["mean"].tolist() == pytest.approx([0.505, 0.6, 0.705])
+    assert "no metrics.json" in (root / "report.md").read_text()
+    bad = cli("report", str(root), "--metric", "trainable_params", cwd=tmp_path)
+    assert bad.returncode == 2 and "must name a split" in bad.stderr

@@ -59,21 +59,43 @@ def summary(m: dict, out: Path) -> str:
             f"outputs: {out}\n")
 
 
+def write_overrides(overrides: list[str] | None, out: Path) -> None:
+    """``overrides.yaml``: the run's command line (what Hydra keeps in ``.hydra/``, for API runs too)."""
+    if overrides is not None:
+        import yaml
+
+        (out / "overrides.yaml").write_text(yaml.safe_dump(list(overrides), default_flow_style=False))
+
+
 def task_overrides() -> list[str] | None:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
-def write_report(metrics: dict, out: Path) -> None:
-    """The run's report from its files; a failure to draw it is logged with its traceback and recorded in
-    ``metrics.json`` (``report_error``), and never costs the trained run or its export."""
+def clear_report(out: Path) -> None:
+    import shutil
+
+    from visionft.report.predictions import FILE
+
+    (out / FILE).unlink(missing_ok=True)
+    shutil.rmtree(out / "report", ignore_errors=True)
+
+
+def write_report(metrics: dict, out: Path, keep_predictions=None) -> None:
+    """Save the test predictions (``keep_predictions()``), then the run's report from its files. A failure in either
+    is logged with its traceback and recorded in ``metrics.json`` (``report_error``); the report is still drawn
+    without the predictions, and neither ever costs the trained run or its export."""
     from visionft.report import run as run_report
 
-    try:
-        run_report.write(out)
-        metrics.pop("report_error", None)
-    except Exception as e:  # noqa: BLE001 - the run is saved; the report is rebuilt with `visionft report`
-        log.exception("the run's report could not be written (rebuild it with `visionft report %s`)", out)
-        metrics["report_error"] = f"{type(e).__name__}: {e}"
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics.pop("report_error", None)
+    for step, what in ((keep_predictions, "test predictions"), (lambda: run_report.write(out), "report")):
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - the run is saved; `visionft report` rebuilds the report
+            log.exception("the run's %s could not be written (the run is saved; `visionft report %s` rebuilds the "
+                          "report)", what, out)
+            metrics["report_error"] = f"{what}: {type(e).__name__}: {e}"
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -28,8 +28,10 @@ from visionft.outputs import (  # noqa: F401
     ExportFailed,
     export_final,
     summary,
+    clear_report,
     task_overrides,
     write_outputs,
+    write_overrides,
     write_rejected,
     write_report,
 )
@@ -107,16 +109,19 @@ class Parts:
     trainer: L.Trainer
     ckpt: object  # the monitored ModelCheckpoint (or None)
     speed: object  # TrainThroughput
+    predicted: tuple | None = None  # the final model's test (probabilities, labels), for the report
 
 
-def set_up(cfg: DictConfig) -> Parts:
-    """Output directory, option checks, seeding, and every object of the run."""
+def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
+    """Output directory (with ``overrides.yaml``, the command line, on record before anything can fail), option
+    checks, seeding, and every object of the run."""
     quiet_third_party(resuming=bool(cfg.resume or cfg.ckpt_path))
     out = output_dir(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     check_options(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    write_overrides(overrides, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
         dm, backbone, module = build(cfg)
@@ -124,6 +129,7 @@ def set_up(cfg: DictConfig) -> Parts:
         raise UsageError(f"{e} (all of them, with reasons: {write_rejected(e.rejected, out)})") from None
     write_rejected(getattr(dm, "rejected", {}), out)
     (out / "checkpoints" / "final.ckpt").unlink(missing_ok=True)  # a reused run dir's old final model is not this run's
+    clear_report(out)  # nor are its old predictions and figures
     if wise_alphas(cfg) and not (module.strategy.gradient_fit and module.gates.trains_body()):
         raise UsageError(f"wise.alphas interpolates the backbone between the start and the end of fine-tuning, and "
                          f"strategy {module.strategy.name} leaves the backbone as it was: drop wise.alphas (or use "
@@ -214,11 +220,14 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
         val, test = evaluate(p.trainer, p.module, p.dm)
         p.trainer.callbacks.remove(collector)
         predicted = collector.result
+        if predicted is None and test:  # e.g. ddp_spawn: the test loop ran in worker processes
+            log.warning("the test predictions were not collected in this process (trainer.strategy=%s): the report "
+                        "has no per-class table, confusion matrix or wrong-image grid", p.trainer.strategy.strategy_name
+                        if hasattr(p.trainer.strategy, "strategy_name") else type(p.trainer.strategy).__name__)
     else:
         val, test = evaluate_features(p.trainer, p.module, probe)
         predicted = feature_probs(p.module, probe.features["test"]) if "test" in probe.features else None
-    if predicted is not None and p.trainer.is_global_zero:
-        save_predictions(p.out, *predicted, p.module.meta["classes"], p.dm)
+    p.predicted = predicted
     metrics.update(val={k: float(v) for k, v in val.items()}, test={k: float(v) for k, v in test.items()})
     if probe is not None:
         metrics["probe"]["knn"] = knn_accuracies(probe.knn_bank(), probe.features, p.dm.num_classes)
@@ -231,9 +240,10 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     into the output directory, then artifacts and the export. ``overrides``: the command line behind ``cfg``
     (under Hydra, Hydra's own), recorded so that the report can say how to reproduce the run."""
     start = time.perf_counter()
-    p = set_up(cfg)
+    overrides = task_overrides() if overrides is None else list(overrides)
+    p = set_up(cfg, overrides)
     final, probe, wise_start = fit_phase(cfg, p)
-    metrics = record(p, final, probe, start, task_overrides() if overrides is None else list(overrides))
+    metrics = record(p, final, probe, start, overrides)
     if p.trainer.is_global_zero:  # the fit is on record before any later phase can fail
         write_outputs(metrics, cfg, p.out)
     try:
@@ -247,12 +257,17 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     write_outputs(metrics, cfg, p.out)
     metrics["artifacts"] = [str(a) for a in p.module.strategy.save_artifacts(p.module.adapted, p.out)]
     write_outputs(metrics, cfg, p.out)
-    write_report(metrics, p.out)  # before the export: a failed export leaves the report (and it names the failure)
-    if cfg.get("export"):
+    if p.predicted is not None:
+        keep = lambda: save_predictions(p.out, *p.predicted, p.module.meta["classes"], p.dm)  # noqa: E731
+    else:
+        keep = None
+    if not cfg.get("export"):
+        write_report(metrics, p.out, keep)
+    else:
         try:
             metrics["artifacts"].append(str(export_final(final, cfg.export, p.out, metrics, cfg)))
-        finally:
-            write_report(metrics, p.out)
+        finally:  # a failed export still leaves the report, and the card names the failure
+            write_report(metrics, p.out, keep)
     write_outputs(metrics, cfg, p.out)
     print(summary(metrics, p.out))
     return metrics

@@ -9,14 +9,18 @@ import pandas as pd
 import yaml
 
 ARTIFACTS = ["checkpoints/*.ckpt", "export/*/*", "adapter/*", "*.safetensors", "wise/*", "predictions/*",
-             "bad_images.csv", "metrics.json", "config.yaml", "csv/metrics.csv"]
+             "bad_images.csv", "metrics.json", "config.yaml", "overrides.yaml", "csv/metrics.csv"]
+
+RESUME_KEYS = {"resume", "ckpt_path", "resume_changes"}
 
 
 def _md(df: pd.DataFrame) -> str:
     def cell(v):
         if isinstance(v, bool):
             return "yes" if v else "no"
-        return f"{v:.4g}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return f"{v:,}" if isinstance(v, int) else str(v).replace("|", "\\|").replace("\n", " ")
 
     rows = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     rows += ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.astype(object).itertuples(index=False)]
@@ -32,7 +36,9 @@ def command(run: Path, metrics: dict) -> str:
     overrides = metrics.get("overrides")
     if overrides is None:  # a Python API run from a composed config: its saved config is the exact recipe
         return f"python -m visionft -cp {shlex.quote(str(run.resolve()))} -cn config paths.output_dir=NEW_DIR"
-    return " ".join(["python -m visionft", *(shlex.quote(o) for o in overrides)])
+    # a resumed run's command line resumes; the run itself is the command without the resume keys
+    run_keys = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in RESUME_KEYS]
+    return " ".join(["python -m visionft", *(shlex.quote(o) for o in run_keys)])
 
 
 def _data(cfg: dict, metrics: dict) -> list[str]:

@@ -8,22 +8,34 @@ import numpy as np
 import pandas as pd
 
 
-def _plt():
-    import matplotlib
+def _figure(**kwargs):
+    """A figure outside pyplot (no global backend switch in a user's notebook, nothing to close)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
     return path
 
 
+def _text_safe(fn):
+    """Draw with mathtext off: labels and titles made of class names ('price_$5') are drawn as written."""
+    import functools
+
+    @functools.wraps(fn)
+    def drawn(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return fn(*args, **kwargs)
+
+    return drawn
+
+
+@_text_safe
 def confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
     """Row-normalized confusion matrix (each true class sums to 1); annotated up to 20 classes, and sized so that
     100 class names stay readable (the figure grows with the class count, the font shrinks down to 5 pt)."""
@@ -33,7 +45,8 @@ def confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
     norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     side = float(np.clip(0.22 * n + 3, 5, 26))
     font = float(np.clip(11 - n / 10, 5, 10))
-    fig, ax = _plt().subplots(figsize=(side + 1.5, side))
+    fig = _figure(figsize=(side + 1.5, side))
+    ax = fig.subplots()
     sns.heatmap(norm, ax=ax, vmin=0, vmax=1, cmap="Blues", square=True, annot=n <= 20, fmt=".2f",
                 annot_kws={"size": font}, xticklabels=classes, yticklabels=classes, cbar_kws={"shrink": 0.6})
     ax.tick_params(labelsize=font)
@@ -43,10 +56,12 @@ def confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+@_text_safe
 def curves(history: pd.DataFrame, lrs: pd.DataFrame, opens: dict[str, int], path: Path) -> Path:
     """Train/val loss and accuracy per epoch, and the LR of every param group against (fractional) epochs; dashed
     lines where a depth group opens after the start."""
-    fig, axes = _plt().subplots(1, 3, figsize=(15, 4))
+    fig = _figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     x = history["epoch"] + 1
     for ax, what in zip(axes[:2], ("loss", "acc")):
         for split, style in (("train", "o-"), ("val", "s-")):
@@ -68,11 +83,13 @@ def curves(history: pd.DataFrame, lrs: pd.DataFrame, opens: dict[str, int], path
     return _save(fig, path)
 
 
+@_text_safe
 def wrong_grid(images: np.ndarray, titles: list[str], path: Path) -> Path:
     n = len(images)
     cols = min(5, max(n, 1))
     rows = max(1, -(-n // cols))
-    fig, axes = _plt().subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
+    fig = _figure(figsize=(2.4 * cols, 2.7 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles):
@@ -82,9 +99,11 @@ def wrong_grid(images: np.ndarray, titles: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+@_text_safe
 def sweep_metric(groups: pd.DataFrame, keys: list[str], metric: str, path: Path) -> Path:
     """Mean +- std over seeds of ``metric`` against the first swept key (one line per combination of the others)."""
-    fig, ax = _plt().subplots(figsize=(max(6, 0.6 * groups[keys[0]].nunique() + 3), 4))
+    fig = _figure(figsize=(max(6, 0.6 * groups[keys[0]].nunique() + 3), 4))
+    ax = fig.subplots()
     x_key, hue = keys[0], keys[1:]
     labels = groups[hue].astype(str).agg(", ".join, axis=1) if hue else pd.Series([""] * len(groups), groups.index)
     numeric = pd.to_numeric(groups[x_key], errors="coerce").notna().all()
@@ -104,8 +123,10 @@ def sweep_metric(groups: pd.DataFrame, keys: list[str], metric: str, path: Path)
     return _save(fig, path)
 
 
+@_text_safe
 def sweep_params(groups: pd.DataFrame, keys: list[str], metric: str, path: Path) -> Path:
-    fig, ax = _plt().subplots(figsize=(7, 4.5))
+    fig = _figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     ax.errorbar(groups["trainable_params"], groups["mean"], yerr=groups["std"].fillna(0), fmt="o", capsize=3)
     for _, g in groups.iterrows():
         ax.annotate(", ".join(str(g[k]) for k in keys), (g["trainable_params"], g["mean"]), fontsize=7,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from visionft.errors import UsageError
 from visionft.report import plots
 from visionft.report.card import _md
 
@@ -17,9 +18,20 @@ PER_RUN = ["trainable_params", "total_params", "wall_time_s", "train_images_per_
 
 
 def jobs(root: Path) -> list[Path]:
-    """Job directories: those Hydra started (``.hydra/overrides.yaml``) or that hold a ``metrics.json``."""
+    """Job directories: those Hydra started (``.hydra/overrides.yaml``), those holding a ``metrics.json``, and
+    folders named by a job number (a multirun with ``paths.output_dir=DIR`` writes DIR/<num>, even for a job that
+    crashed before its metrics)."""
     found = {p.parent.parent for p in root.glob("**/.hydra/overrides.yaml")} | {p.parent for p in root.glob("*/metrics.json")}
+    found |= {d for d in root.iterdir() if d.is_dir() and d.name.isdigit()} if found else set()
     return sorted((j for j in found if j != root), key=lambda p: (len(p.name), p.name))
+
+
+def overrides_of(job: Path, metrics: dict | None) -> list[str]:
+    """Hydra's record of the job's overrides, else visionft's own (``overrides.yaml``, written as the run starts)."""
+    for ofile in (job / ".hydra" / "overrides.yaml", job / "overrides.yaml"):
+        if ofile.is_file():
+            return yaml.safe_load(ofile.read_text()) or []
+    return list((metrics or {}).get("overrides") or [])
 
 
 def _failure(job: Path, metrics: dict | None, metric: str) -> str | None:
@@ -36,11 +48,9 @@ def collect(root: Path, metric: str) -> pd.DataFrame:
     """One row per job: its overrides (prefixes ``+``/``~`` dropped), the metric, cost columns, and why it failed."""
     rows = []
     for job in jobs(root):
-        ofile = job / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(ofile.read_text()) or [] if ofile.is_file() else []
-        params = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
         mfile = job / "metrics.json"
         m = json.loads(mfile.read_text()) if mfile.is_file() else None
+        params = dict(o.lstrip("+~").split("=", 1) for o in overrides_of(job, m) if "=" in o)
         failed = _failure(job, m, metric)
         value = None if failed else m[metric.split("/", 1)[0]][metric]
         rows.append({"job": job.relative_to(root).as_posix(), **params, metric: value,
@@ -54,20 +64,21 @@ def swept(runs: pd.DataFrame, metric: str) -> list[str]:
 
 
 def group(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
-    ok = runs[runs["failed"].isna()]
-    by = keys or (lambda _: "all")
-    agg = ok.groupby(by, sort=False, dropna=False).agg(n=(metric, "size"), mean=(metric, "mean"), std=(metric, "std"),
-                                          trainable_params=("trainable_params", "first"),
-                                          wall_time_s=("wall_time_s", "mean"),
-                                          train_images_per_s=("train_images_per_s", "mean")).reset_index()
-    failed = runs[runs["failed"].notna()].groupby(by, sort=False, dropna=False).size().rename("failed")
-    agg = agg.merge(failed.reset_index(), how="outer", on=keys) if keys else agg.assign(failed=len(runs) - len(ok))
-    agg["n"] = agg["n"].fillna(0).astype(int)
-    agg["failed"] = agg["failed"].fillna(0).astype(int)
-    return agg.reset_index(drop=True)  # in the sweep's own order (the plot's x order too)
+    """One row per combination of ``keys``, in the sweep's own order (the plot's x order too): n finished runs,
+    mean and sample std of the metric over them, failed runs, and the cost columns."""
+    ok = runs["failed"].isna()
+    runs = runs.assign(_ok=ok.astype(int), _failed=(~ok).astype(int),
+                       _value=pd.to_numeric(runs[metric], errors="coerce").where(ok))
+    agg = runs.groupby(keys or (lambda _: "all"), sort=False, dropna=False).agg(
+        n=("_ok", "sum"), mean=("_value", "mean"), std=("_value", "std"), failed=("_failed", "sum"),
+        trainable_params=("trainable_params", "first"), wall_time_s=("wall_time_s", "mean"),
+        train_images_per_s=("train_images_per_s", "mean"))
+    return agg.reset_index(drop=not keys)
 
 
 def write(root: Path, metric: str = "test/acc", seed_key: str = "seed", out: Path | None = None) -> list[Path]:
+    if "/" not in metric:
+        raise UsageError(f"--metric {metric} must name a split and a metric, e.g. test/acc or val/f1_macro")
     root = Path(root)
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)
