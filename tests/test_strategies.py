@@ -39,6 +39,8 @@ TABLE = {
     "lora": (["strategy=lora", "strategy.r=2"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "dora": (["strategy=dora", "strategy.r=2", "strategy.bn=train"], {0: "all", 1: "all", 2: "all"}, "train", 1.0),
     "bitfit": (["strategy=bitfit"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "peft_loha": (["strategy=peft", "strategy.method=loha", "+strategy.options={r: 2}"], {0: "all", 1: "all", 2: "all"},
+                  "frozen", 1.0),
     "bitfit_norm": (["strategy=bitfit", "strategy.norm=true"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "vpt": (["strategy=vpt", "strategy.tokens=2"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "vpt_deep": (["strategy=vpt", "strategy.tokens=2", "strategy.deep=true"], {0: "all", 1: "all", 2: "all"},
@@ -58,6 +60,7 @@ def _norm_weights(model):
 PARTIAL = {
     "lora": lambda n, m: any(a in n for a in ADAPTED),
     "dora": lambda n, m: any(a in n for a in ADAPTED),
+    "peft_loha": lambda n, m: any(a in n for a in ("hada_w", "modules_to_save")),  # LoHa's Hadamard factors
     "bitfit": lambda n, m: n.endswith(".bias") or n.startswith(HEAD),
     "bitfit_norm": lambda n, m: n.endswith(".bias") or n.startswith(HEAD) or n in _norm_weights(m),
     "vpt": lambda n, m: n.startswith("prompts.") or n.startswith(tuple("vit." + h for h in HEAD)),

@@ -5,8 +5,9 @@ from visionft.strategies.basic import Full, Partial, Scratch
 from visionft.strategies.bitfit import BitFit
 from visionft.strategies.gradual import GradualUnfreeze
 from visionft.strategies.lora import Lora
+from visionft.strategies.peft_methods import Peft
 from visionft.strategies.probe import LinearProbe, LpFt
 from visionft.strategies.vpt import Vpt
 
 __all__ = ["BN_POLICIES", "Strategy", "Scratch", "LinearProbe", "Full", "Partial", "GradualUnfreeze", "Lora", "BitFit",
-           "Vpt", "LpFt"]
+           "Vpt", "LpFt", "Peft"]

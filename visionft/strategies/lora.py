@@ -81,19 +81,35 @@ _PEFT_PARTS = ("base_model.model.", ".base_layer", ".modules_to_save.default", "
 
 
 class PeftAdapted(Adapted):
-    """A peft-wrapped timm model: LoRA A/B and DoRA magnitudes belong to the group of the layer they adapt."""
+    """A peft-wrapped timm model: what a tuner adds to a layer (LoRA A/B, DoRA magnitudes, LoHa/LoKr factors, IA3
+    vectors, ... — the names each peft tuner layer declares in ``adapter_layer_names``) belongs to the depth group
+    of the layer it adapts."""
 
     def __init__(self, model: nn.Module, backbone, with_bn_stats: bool) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.adapter_parts = {f".{a}." for m in model.modules() if isinstance(m, BaseTunerLayer)
+                              for a in m.adapter_layer_names}
         super().__init__(model, backbone)
         self.with_bn_stats = with_bn_stats
 
-    def plain_name(self, name: str) -> str | None:
+    def _strip(self, name: str) -> str:
         for part in _PEFT_PARTS:
             name = name.replace(part, "")
-        return None if ".lora_" in name else name
+        return name
+
+    def _adapter_at(self, name: str) -> int:
+        """Where the adapter part of a parameter name starts (-1: not an adapter parameter)."""
+        return min((i for i in (name.find(p) for p in self.adapter_parts) if i >= 0), default=-1)
+
+    def plain_name(self, name: str) -> str | None:
+        name = self._strip(name)
+        return None if self._adapter_at(name) >= 0 else name
 
     def depth_of(self, name: str) -> int:
-        return super().depth_of(name.split(".lora_")[0] + ".weight" if ".lora_" in name else name)
+        name = self._strip(name)
+        at = self._adapter_at(name)
+        return super().depth_of(name[:at] + ".weight" if at >= 0 else name)
 
     def duplicate(self, name: str) -> bool:
         return ".original_module." in name
@@ -133,14 +149,16 @@ def save_adapter(model: nn.Module, out: Path, state: dict) -> tuple[Path, Path]:
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply a saved adapter to a freshly built plain timm model (the same backbone and pretrained weights)."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from safetensors.torch import load_file
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
-    known = set(LoraConfig.__dataclass_fields__)
-    config = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[str(cfg.get("peft_type", "LORA")).rsplit(".", 1)[-1]]
+    known = set(config_cls.__dataclass_fields__)
+    config = config_cls(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})
     peft_model = get_peft_model(model, config)
     sd = load_file(str(folder / ADAPTER_FILE))
     stats = {k: v for k, v in sd.items() if k.endswith(_BN_STATS)}
