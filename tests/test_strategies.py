@@ -39,6 +39,7 @@ TABLE = {
     "lora": (["strategy=lora", "strategy.r=2"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "dora": (["strategy=dora", "strategy.r=2", "strategy.bn=train"], {0: "all", 1: "all", 2: "all"}, "train", 1.0),
     "bitfit": (["strategy=bitfit"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "ssf": (["strategy=ssf"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "peft_loha": (["strategy=peft", "strategy.method=loha", "+strategy.options={r: 2}"], {0: "all", 1: "all", 2: "all"},
                   "frozen", 1.0),
     "bitfit_norm": (["strategy=bitfit", "strategy.norm=true"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
@@ -60,6 +61,7 @@ def _norm_weights(model):
 PARTIAL = {
     "lora": lambda n, m: any(a in n for a in ADAPTED),
     "dora": lambda n, m: any(a in n for a in ADAPTED),
+    "ssf": lambda n, m: ".ssf_" in n or n.startswith(HEAD),  # scales/shifts and the head
     "peft_loha": lambda n, m: any(a in n for a in ("hada_w", "modules_to_save")),  # LoHa's Hadamard factors
     "bitfit": lambda n, m: n.endswith(".bias") or n.startswith(HEAD),
     "bitfit_norm": lambda n, m: n.endswith(".bias") or n.startswith(HEAD) or n in _norm_weights(m),

@@ -7,7 +7,8 @@ from visionft.strategies.gradual import GradualUnfreeze
 from visionft.strategies.lora import Lora
 from visionft.strategies.peft_methods import Peft
 from visionft.strategies.probe import LinearProbe, LpFt
+from visionft.strategies.ssf import Ssf
 from visionft.strategies.vpt import Vpt
 
 __all__ = ["BN_POLICIES", "Strategy", "Scratch", "LinearProbe", "Full", "Partial", "GradualUnfreeze", "Lora", "BitFit",
-           "Vpt", "LpFt", "Peft"]
+           "Vpt", "LpFt", "Peft", "Ssf"]
