@@ -36,6 +36,9 @@ CASES = {
     "family": {
         "bitfit": ["strategy=bitfit"],
         "bitfit_norm": ["strategy=bitfit", "strategy.norm=true"],
+        "ssf": ["strategy=ssf"],
+        "peft_loha": ["strategy=peft", "strategy.method=loha"],
+        "peft_lokr": ["strategy=peft", "strategy.method=lokr"],
         "vit_random_linear_probe": ["backbone=vit_small", "backbone.pretrained=false", "strategy=linear_probe"],
         "vit_random_vpt": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt"],
         "vit_random_vpt_deep": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt", "strategy.deep=true"],
