@@ -110,7 +110,8 @@ def test_class_names_with_markdown_and_tex_characters_are_drawn_and_tabled_as_wr
              wrong_index=wrong, wrong_images=np.zeros((len(wrong), 8, 8, 3), np.uint8),
              wrong_paths=np.asarray([""] * len(wrong)))
     (tmp_path / "metrics.json").write_text(json.dumps({"strategy": "Full", "backbone": "b", "val": {}, "test": {},
-                                                       "data": {"test": 20}, "overrides": ["resume=true", "seed=1"]}))
+                                                       "data": {"test": 20}}))
+    (tmp_path / "overrides.yaml").write_text("- resume=true\n- seed=1\n")
     report_run.write(tmp_path)
     card = (tmp_path / "README.md").read_text()
     rows = [ln for ln in card.splitlines() if ln.startswith("| a") or ln.startswith("| price")]
@@ -256,8 +257,7 @@ def test_sweep_with_an_output_dir_keeps_numeric_order_and_counts_crashed_jobs(tm
             if (depth, seed) == ("2", 1):
                 continue  # crashed
             (d / "metrics.json").write_text(json.dumps({
-                "test": {"test/acc": 0.5 + 0.1 * job + 0.01 * seed}, "trainable_params": 100 - job,
-                "overrides": [f"strategy.freeze_depth={depth}", f"seed={seed}"]}))
+                "test": {"test/acc": 0.5 + 0.1 * job + 0.01 * seed}, "trainable_params": 100 - job}))
     r = cli("report", str(root), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     groups = pd.read_csv(root / "report.csv", dtype={"strategy.freeze_depth": str})

@@ -89,6 +89,7 @@ def write_report(metrics: dict, out: Path, keep_predictions=None) -> None:
     from visionft.report import run as run_report
 
     metrics.pop("report_error", None)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))  # the report reads the run's files
     for step, what in ((keep_predictions, "test predictions"), (lambda: run_report.write(out), "report")):
         if step is None:
             continue

@@ -176,7 +176,7 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
     return best or str(p.out / "checkpoints" / "last.ckpt"), probe, wise_start
 
 
-def record(p: Parts, final: str, probe: ProbeRun | None, start: float, overrides: list[str] | None) -> dict:
+def record(p: Parts, final: str, probe: ProbeRun | None, start: float) -> dict:
     m, n = p.module, p.module.gates.n_groups
     clock = getattr(m, "clock", None)
     return {
@@ -194,7 +194,6 @@ def record(p: Parts, final: str, probe: ProbeRun | None, start: float, overrides
         "strategy": p.module.strategy.name,
         "data": p.dm.sizes(),
         **({"probe": probe.summary()} if probe is not None else {}),
-        "overrides": overrides,  # the command line that reproduces the run (None: a composed config was passed)
         "precision": str(p.trainer.precision),
         "steps_per_epoch": clock.steps_per_epoch if clock is not None else None,
         "opens": {name: m.strategy.open_epoch(d, n) for d, name in enumerate(m.group_names)},
@@ -221,9 +220,8 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
         p.trainer.callbacks.remove(collector)
         predicted = collector.result
         if predicted is None and test:  # e.g. ddp_spawn: the test loop ran in worker processes
-            log.warning("the test predictions were not collected in this process (trainer.strategy=%s): the report "
-                        "has no per-class table, confusion matrix or wrong-image grid", p.trainer.strategy.strategy_name
-                        if hasattr(p.trainer.strategy, "strategy_name") else type(p.trainer.strategy).__name__)
+            log.warning("the test predictions were not collected in this process (%s): the report has no per-class "
+                        "table, confusion matrix or wrong-image grid", type(p.trainer.strategy).__name__)
     else:
         val, test = evaluate_features(p.trainer, p.module, probe)
         predicted = feature_probs(p.module, probe.features["test"]) if "test" in probe.features else None
@@ -243,7 +241,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     overrides = task_overrides() if overrides is None else list(overrides)
     p = set_up(cfg, overrides)
     final, probe, wise_start = fit_phase(cfg, p)
-    metrics = record(p, final, probe, start, overrides)
+    metrics = record(p, final, probe, start)
     if p.trainer.is_global_zero:  # the fit is on record before any later phase can fail
         write_outputs(metrics, cfg, p.out)
     try:
@@ -256,18 +254,12 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         return metrics
     write_outputs(metrics, cfg, p.out)
     metrics["artifacts"] = [str(a) for a in p.module.strategy.save_artifacts(p.module.adapted, p.out)]
-    write_outputs(metrics, cfg, p.out)
-    if p.predicted is not None:
-        keep = lambda: save_predictions(p.out, *p.predicted, p.module.meta["classes"], p.dm)  # noqa: E731
-    else:
-        keep = None
-    if not cfg.get("export"):
-        write_report(metrics, p.out, keep)
-    else:
-        try:
+    keep = (lambda: save_predictions(p.out, *p.predicted, p.module.meta["classes"], p.dm)) if p.predicted else None
+    try:
+        if cfg.get("export"):
             metrics["artifacts"].append(str(export_final(final, cfg.export, p.out, metrics, cfg)))
-        finally:  # a failed export still leaves the report, and the card names the failure
-            write_report(metrics, p.out, keep)
+    finally:  # a failed export still leaves the report, and the card names the failure
+        write_report(metrics, p.out, keep)
     write_outputs(metrics, cfg, p.out)
     print(summary(metrics, p.out))
     return metrics

@@ -32,8 +32,17 @@ def entered_opens(metrics: dict) -> dict[str, int]:
     return {g: e for g, e in (metrics.get("opens") or {}).items() if e and e < metrics.get("epochs", 0)}
 
 
+def overrides_of(run: Path) -> list[str] | None:
+    """The run's command line: Hydra's record (``.hydra/overrides.yaml``), else visionft's (``overrides.yaml``,
+    written as the run starts; absent when the Python API was given a composed config)."""
+    for path in (run / ".hydra" / "overrides.yaml", run / "overrides.yaml"):
+        if path.is_file():
+            return list(yaml.safe_load(path.read_text()) or [])
+    return None
+
+
 def command(run: Path, metrics: dict) -> str:
-    overrides = metrics.get("overrides")
+    overrides = overrides_of(run)
     if overrides is None:  # a Python API run from a composed config: its saved config is the exact recipe
         return f"python -m visionft -cp {shlex.quote(str(run.resolve()))} -cn config paths.output_dir=NEW_DIR"
     # a resumed run's command line resumes; the run itself is the command without the resume keys

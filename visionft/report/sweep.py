@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from visionft.errors import UsageError
 from visionft.report import plots
-from visionft.report.card import _md
+from visionft.report.card import _md, overrides_of
 
 PER_RUN = ["trainable_params", "total_params", "wall_time_s", "train_images_per_s"]
 
@@ -24,14 +23,6 @@ def jobs(root: Path) -> list[Path]:
     found = {p.parent.parent for p in root.glob("**/.hydra/overrides.yaml")} | {p.parent for p in root.glob("*/metrics.json")}
     found |= {d for d in root.iterdir() if d.is_dir() and d.name.isdigit()} if found else set()
     return sorted((j for j in found if j != root), key=lambda p: (len(p.name), p.name))
-
-
-def overrides_of(job: Path, metrics: dict | None) -> list[str]:
-    """Hydra's record of the job's overrides, else visionft's own (``overrides.yaml``, written as the run starts)."""
-    for ofile in (job / ".hydra" / "overrides.yaml", job / "overrides.yaml"):
-        if ofile.is_file():
-            return yaml.safe_load(ofile.read_text()) or []
-    return list((metrics or {}).get("overrides") or [])
 
 
 def _failure(job: Path, metrics: dict | None, metric: str) -> str | None:
@@ -50,7 +41,7 @@ def collect(root: Path, metric: str) -> pd.DataFrame:
     for job in jobs(root):
         mfile = job / "metrics.json"
         m = json.loads(mfile.read_text()) if mfile.is_file() else None
-        params = dict(o.lstrip("+~").split("=", 1) for o in overrides_of(job, m) if "=" in o)
+        params = dict(o.lstrip("+~").split("=", 1) for o in overrides_of(job) or [] if "=" in o)
         failed = _failure(job, m, metric)
         value = None if failed else m[metric.split("/", 1)[0]][metric]
         rows.append({"job": job.relative_to(root).as_posix(), **params, metric: value,

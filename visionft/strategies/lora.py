@@ -39,25 +39,7 @@ class Lora(Strategy):
         return scale * self.loraplus_ratio if ".lora_B." in param_name else scale
 
     def targets(self, model: nn.Module) -> list[str]:
-        """Names of the modules to adapt; errors name the problem (no match, grouped convolutions)."""
-        pattern = self.target_modules or DEFAULT_TARGETS.get(type(model).__name__)
-        if pattern is None:
-            raise UsageError(f"no default LoRA targets for {type(model).__name__}: set strategy.target_modules to a "
-                             f"regex over module names (known families: {', '.join(DEFAULT_TARGETS)})")
-        if isinstance(pattern, str):
-            names = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
-        else:
-            names = [n for n, _ in model.named_modules() if any(n == p or n.endswith("." + p) for p in pattern)]
-        if not names:
-            examples = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:6]
-            raise UsageError(f"strategy.target_modules={pattern!r} matches no module of {type(model).__name__}; "
-                             f"module names look like {examples}")
-        modules = dict(model.named_modules())
-        grouped = [n for n in names if isinstance(modules[n], nn.Conv2d) and modules[n].groups > 1]
-        if grouped:
-            raise UsageError(f"LoRA targets include grouped/depthwise convolutions {grouped[:3]}: peft needs the rank "
-                             f"to be a multiple of their groups and cannot merge them; target pointwise convs instead")
-        return names
+        return find_targets(model, self.target_modules)
 
     def peft_config(self, model: nn.Module, classifier: str):
         from peft import LoraConfig
@@ -73,6 +55,29 @@ class Lora(Strategy):
 
     def save_artifacts(self, adapted: PeftAdapted, out: Path) -> list[Path]:
         return [*save_adapter(adapted.model, out, adapted.artifact_state())]
+
+
+def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
+    """Names of the modules a peft tuner adapts (``target_modules``: a regex, a list of names, or None for the
+    family default); errors name the problem (no match, grouped convolutions)."""
+    pattern = target_modules or DEFAULT_TARGETS.get(type(model).__name__)
+    if pattern is None:
+        raise UsageError(f"no default LoRA targets for {type(model).__name__}: set strategy.target_modules to a "
+                         f"regex over module names (known families: {', '.join(DEFAULT_TARGETS)})")
+    if isinstance(pattern, str):
+        names = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+    else:
+        names = [n for n, _ in model.named_modules() if any(n == p or n.endswith("." + p) for p in pattern)]
+    if not names:
+        examples = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:6]
+        raise UsageError(f"strategy.target_modules={pattern!r} matches no module of {type(model).__name__}; "
+                         f"module names look like {examples}")
+    modules = dict(model.named_modules())
+    grouped = [n for n in names if isinstance(modules[n], nn.Conv2d) and modules[n].groups > 1]
+    if grouped:
+        raise UsageError(f"LoRA targets include grouped/depthwise convolutions {grouped[:3]}: peft needs the rank "
+                         f"to be a multiple of their groups and cannot merge them; target pointwise convs instead")
+    return names
 
 
 # peft's wrapping of a timm model's names: base_model.model.<name>, <layer>.base_layer.<p>, the trained head copy

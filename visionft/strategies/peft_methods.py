@@ -9,7 +9,7 @@ from torch import nn
 
 from visionft.errors import UsageError
 from visionft.strategies.base import Strategy
-from visionft.strategies.lora import PeftAdapted, Lora, save_adapter
+from visionft.strategies.lora import PeftAdapted, find_targets, save_adapter
 
 # peft methods that adapt a model's own layers (prompt-learning and multi-adapter methods are not for a timm model)
 NOT_LAYER_TUNERS = {"ADAPTION_PROMPT", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT",
@@ -41,7 +41,7 @@ class Peft(Strategy):
         if unknown:
             raise UsageError(f"strategy.options {unknown} are not options of peft's {config_cls.__name__}; its options: "
                              f"{', '.join(sorted(f for f in fields if not f.startswith('_')))}")
-        targets = Lora.targets(self, model)
+        targets = find_targets(model, self.target_modules)
         return config_cls(**{"target_modules": targets, "modules_to_save": [classifier], **dict(self.options)})
 
     def prepare(self, model: nn.Module, backbone) -> PeftAdapted:
