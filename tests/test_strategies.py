@@ -40,6 +40,9 @@ TABLE = {
     "dora": (["strategy=dora", "strategy.r=2", "strategy.bn=train"], {0: "all", 1: "all", 2: "all"}, "train", 1.0),
     "bitfit": (["strategy=bitfit"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "ssf": (["strategy=ssf"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "adapter": (["strategy=adapter", "strategy.dim=4"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
+    "adapter_seq": (["strategy=adapter", "strategy.dim=4", "strategy.placement=sequential", "strategy.layer_decay=0.5"],
+                    {0: "all", 1: "all", 2: "all"}, "frozen", 0.5),
     "peft_loha": (["strategy=peft", "strategy.method=loha", "+strategy.options={r: 2}"], {0: "all", 1: "all", 2: "all"},
                   "frozen", 1.0),
     "bitfit_norm": (["strategy=bitfit", "strategy.norm=true"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
@@ -62,6 +65,8 @@ PARTIAL = {
     "lora": lambda n, m: any(a in n for a in ADAPTED),
     "dora": lambda n, m: any(a in n for a in ADAPTED),
     "ssf": lambda n, m: ".ssf_" in n or n.startswith(HEAD),  # scales/shifts and the head
+    "adapter": lambda n, m: ".ft_adapter." in n or n.startswith(HEAD),  # bottleneck adapters and the head
+    "adapter_seq": lambda n, m: ".ft_adapter." in n or n.startswith(HEAD),
     "peft_loha": lambda n, m: any(a in n for a in ("hada_w", "modules_to_save")),  # LoHa's Hadamard factors
     "bitfit": lambda n, m: n.endswith(".bias") or n.startswith(HEAD),
     "bitfit_norm": lambda n, m: n.endswith(".bias") or n.startswith(HEAD) or n in _norm_weights(m),

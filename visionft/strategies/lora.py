@@ -13,6 +13,7 @@ from torch import nn
 from visionft.adapted import Adapted
 from visionft.errors import UsageError
 from visionft.strategies.base import Strategy
+from visionft.strategies.quantize import QUANTIZE, dequantize_linears, quantize_linears
 
 # Default targets per timm model class (regex, full match on module names of the plain timm model).
 DEFAULT_TARGETS = {
@@ -33,6 +34,13 @@ class Lora(Strategy):
     use_dora: bool = False
     target_modules: str | list[str] | None = None  # None: DEFAULT_TARGETS for the backbone's family
     loraplus_ratio: float = 1.0  # LoRA+: the B matrices get lr x ratio (e.g. 16); 1.0 = off
+    quantize: str | None = None  # nf4 | int8: a quantized frozen base (QLoRA, bitsandbytes; visionft.strategies.quantize)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise UsageError(f"strategy.quantize={self.quantize!r} is not a quantization; valid: "
+                             f"{', '.join(QUANTIZE)} (or null)")
 
     def lr_scale(self, index: int, n_groups: int, param_name: str) -> float:
         scale = super().lr_scale(index, n_groups, param_name)
@@ -50,6 +58,8 @@ class Lora(Strategy):
     def prepare(self, model: nn.Module, backbone) -> PeftAdapted:
         from peft import get_peft_model
 
+        if self.quantize:
+            quantize_linears(model, self.quantize, backbone.classifier)
         return PeftAdapted(get_peft_model(model, self.peft_config(model, backbone.classifier)), backbone,
                            with_bn_stats=self.bn == "train")
 
@@ -120,6 +130,7 @@ class PeftAdapted(Adapted):
         return ".original_module." in name
 
     def to_deployable(self) -> nn.Module:
+        dequantize_linears(self.model)  # a quantized base (strategy.quantize) back to float, then the merge
         return self.model.merge_and_unload()  # a plain timm model with the adapters folded into its weights
 
     def wise_anchor(self, start: dict, end: dict) -> dict:
