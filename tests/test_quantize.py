@@ -33,6 +33,8 @@ def test_base_memory_and_trainable_count(kind, bytes_per_weight):
     plain = Lora().prepare(ref.model, ref)
     quantized = Lora(quantize=kind).prepare(b.model, b)
     assert quantized.model.get_nb_trainable_parameters() == plain.model.get_nb_trainable_parameters()  # peft's count
+    total = sum(quantized.numel(n, p) for n, p in quantized.model.named_parameters() if not quantized.duplicate(n))
+    assert total == sum(p.numel() for n, p in plain.model.named_parameters() if not plain.duplicate(n))
     got = base_bytes(quantized.model, "base_model.model.head")
     payload = float_base - linear_weights * (4 - bytes_per_weight)  # 4-bit / 8-bit weights, the rest float32
     assert payload <= got <= payload + linear_weights * 0.07  # + block/row scales (NF4: ~1 byte per 64 weights)

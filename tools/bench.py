@@ -42,6 +42,18 @@ CASES = {
         "vit_random_linear_probe": ["backbone=vit_small", "backbone.pretrained=false", "strategy=linear_probe"],
         "vit_random_vpt": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt"],
         "vit_random_vpt_deep": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt", "strategy.deep=true"],
+        "adapter": ["strategy=adapter"],
+        "adapter_sequential": ["strategy=adapter", "strategy.placement=sequential"],
+        "vit_random_adapter": ["backbone=vit_small", "backbone.pretrained=false", "strategy=adapter"],
+    },
+    # QLoRA: LoRA on a 4-bit / 8-bit frozen base against LoRA on the float base, same seed, same random-init ViT-S
+    # (bitsandbytes quantizes linear layers; the offline EfficientNet has none outside its head)
+    "quantize": {
+        "vit_random_lora": ["backbone=vit_small", "backbone.pretrained=false", "strategy=lora"],
+        "vit_random_lora_nf4": ["backbone=vit_small", "backbone.pretrained=false", "strategy=lora",
+                                "strategy.quantize=nf4"],
+        "vit_random_lora_int8": ["backbone=vit_small", "backbone.pretrained=false", "strategy=lora",
+                                 "strategy.quantize=int8"],
     },
     # LP-FT and WiSE-FT against full fine-tuning (run with --seeds 0 1 2); lp_ft_cifar10 needs data.root as cifar10
     "lp_ft": {
@@ -111,7 +123,7 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", choices=sorted([*CASES, "probe", "overhead"]), default="quickstart")
+    p.add_argument("--case", choices=sorted([*CASES, "probe", "overhead", "quant_memory"]), default="quickstart")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="overhead: where both loops run")
     p.add_argument("--cells", nargs="+", default=None, metavar="BACKBONE[:STRATEGY]",
                    help="overhead: only these cells (e.g. resnet50 resnet18@32:full)")
@@ -127,6 +139,10 @@ def main() -> None:
         from bench_probe import COLUMNS, probe_rows
 
         rows, cols = probe_rows(work, a.cifar_root, a.overrides), COLUMNS
+    elif a.case == "quant_memory":
+        from bench_quant import COLUMNS, quant_memory_rows
+
+        rows, cols = quant_memory_rows(), COLUMNS
     elif a.case == "overhead":
         from bench_overhead import COLUMNS, overhead_rows
 
@@ -149,7 +165,7 @@ def main() -> None:
                           "python": platform.python_version(), "torch": torch.__version__},
               "rows": rows}
     print(table(rows, cols))
-    if a.case not in ("probe", "overhead") and a.seeds:
+    if a.case in CASES and a.seeds:
         report["mean_std"] = aggregate(rows)
         print(table(report["mean_std"], ["case", "n", "seeds", "test_acc", "wall_time_s", "trainable_params",
                                          "wise_alpha"]))

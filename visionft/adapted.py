@@ -8,6 +8,7 @@ adapters, prompt tokens, bottleneck adapters) by name.
   plain-model prefix) unless the wrapper says otherwise;
 - ``trainable(name)``: whether the strategy ever trains it (the gates only narrow this);
 - ``duplicate(name)``: a frozen copy the wrapper keeps of another parameter (not counted twice);
+- ``numel(name, param)``: how many parameters it holds (packed quantized weights hold more than their elements);
 - ``to_deployable()``: a plain ``nn.Module`` for export (merged where possible; otherwise the wrapped module);
 - ``artifact_state()``: the tensors of a strategy's small artifact file (``None``: no artifact);
 - ``wise_anchor(start, end)``: the state WiSE-FT interpolates from (``visionft.wise``): by default the state at the
@@ -64,6 +65,10 @@ class Adapted:
 
     def duplicate(self, name: str) -> bool:
         return False
+
+    def numel(self, name: str, param) -> int:
+        """How many parameters a tensor holds (a wrapper that packs them, e.g. two 4-bit weights per byte, says)."""
+        return param.numel()
 
     def to_deployable(self) -> nn.Module:
         return self.model

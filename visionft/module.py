@@ -211,4 +211,4 @@ class TransferModule(L.LightningModule):
         a frozen copy a wrapper keeps of a parameter (e.g. the original of a head it trains a copy of) is not counted twice."""
         dup = self.adapted.duplicate
         return {"trainable_params": self.gates.trained_params(self.model, skip=dup),
-                "total_params": sum(p.numel() for n, p in self.model.named_parameters() if not dup(n))}
+                "total_params": sum(self.adapted.numel(n, p) for n, p in self.model.named_parameters() if not dup(n))}

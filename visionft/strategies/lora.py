@@ -13,7 +13,7 @@ from torch import nn
 from visionft.adapted import Adapted
 from visionft.errors import UsageError
 from visionft.strategies.base import Strategy
-from visionft.strategies.quantize import QUANTIZE, dequantize_linears, quantize_linears
+from visionft.strategies.quantize import QUANTIZE, dequantize_linears, logical_numel, quantize_linears
 
 # Default targets per timm model class (regex, full match on module names of the plain timm model).
 DEFAULT_TARGETS = {
@@ -128,6 +128,9 @@ class PeftAdapted(Adapted):
 
     def duplicate(self, name: str) -> bool:
         return ".original_module." in name
+
+    def numel(self, name: str, param) -> int:
+        return logical_numel(param)  # 4-bit weights of a quantized base: two per stored byte
 
     def to_deployable(self) -> nn.Module:
         dequantize_linears(self.model)  # a quantized base (strategy.quantize) back to float, then the merge

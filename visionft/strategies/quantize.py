@@ -12,6 +12,7 @@ the quantized values the adapters were trained against (``dequantize_linears``).
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 from torch import nn
@@ -69,6 +70,12 @@ def _load_int8_state(module, state_dict, prefix, *args) -> None:
     refuses to load a checkpoint's ``SCB``: hand them back to the weight first."""
     if getattr(module.weight, "SCB", None) is None and module.state.SCB is not None:
         module.weight.SCB = module.state.SCB
+
+
+def logical_numel(param) -> int:
+    """Weights a parameter stands for: a packed NF4 weight knows its unpacked shape."""
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None else param.numel()
 
 
 def base_bytes(model: nn.Module, skip: str) -> int:
