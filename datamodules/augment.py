@@ -40,6 +40,7 @@ class NoAugment:
     """``none``: the eval geometry (shorter side resized to ``size``, centre crop), nothing random."""
 
     padding = "border"
+    fixed = True  # the same geometry for every sample: at the stored size, nothing to resample
 
     def albumentations(self, size: int, interp: int) -> list:
         return [A.SmallestMaxSize(max_size=size, interpolation=interp), A.CenterCrop(height=size, width=size)]
@@ -63,6 +64,7 @@ class Shift:
     zoom: float = 0.1
     rotate: float = 10.0
     padding = "zeros"
+    fixed = False
 
     def albumentations(self, size: int, interp: int) -> list:
         t, z, r = self.translate, self.zoom, self.rotate
@@ -99,6 +101,7 @@ class CropFlip:
     scale: tuple[float, float] = (0.35, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     padding = "border"
+    fixed = False
 
     def albumentations(self, size: int, interp: int) -> list:
         return [A.RandomResizedCrop(size=(size, size), scale=tuple(self.scale), interpolation=interp),

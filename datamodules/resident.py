@@ -62,6 +62,8 @@ class ResidentTrainLoader(Position):
         """Batch ``k`` of ``epoch``: images ``index`` with geometry drawn from a generator seeded by (seed, epoch, k)."""
         g = torch.Generator().manual_seed(mix(self.seed, epoch, k, 7))
         idx = index.to(self.images.device)
+        if self.preset.fixed and self.sizes is None and tuple(self.images.shape[-2:]) == (self.size, self.size):
+            return self.images[idx], self.labels[idx]  # no augmentation at the stored size: the warp is the identity
         hw = self.sizes[index] if self.sizes is not None else tuple(self.images.shape[-2:])
         geometry = self.preset.sample(len(index), hw, self.size, g)
         return warp(self.images[idx], geometry, self.size, self.mode, self.preset.padding), self.labels[idx]

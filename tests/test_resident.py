@@ -121,6 +121,20 @@ def test_no_augment_is_the_eval_geometry():
     assert np.abs(ref.astype(int) - ours.astype(int)).max() <= 2
 
 
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_unaugmented_batches_at_the_stored_size_are_what_the_warp_gives(mode):
+    """No augmentation at the stored size skips resampling: the batch must be exactly the identity warp's."""
+    images = torch.randint(0, 256, (12, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loader = ResidentTrainLoader(images, torch.arange(12), NoAugment(), 20, mode, batch_size=5, drop_last=False,
+                                 seed=3)
+    index = torch.tensor([7, 2, 9, 0, 11])
+    got, labels = loader.batch(0, 0, index)
+    expected = warp(images[index], NoAugment().sample(5, (20, 20), 20, None), 20, mode, "border")
+    assert torch.equal(got, expected) and torch.equal(labels, index)
+    shifted = ResidentTrainLoader(images, torch.arange(12), Shift(), 20, mode, batch_size=5, drop_last=False, seed=3)
+    assert not torch.equal(shifted.batch(0, 0, index)[0], expected)  # an augmenting preset still resamples
+
+
 # -- the datamodule: which path, what it yields ---------------------------------------------------------------------
 def _dm(tmp_path, *overrides):
     from visionft.train import build

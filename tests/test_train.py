@@ -106,6 +106,33 @@ def test_resume_appends_to_the_csv_history(tiny_cfg, tmp_path):
     assert epochs == [0, 1, 2]  # epoch 0 came from the first run
 
 
+def test_epoch_train_loss_is_the_batch_weighted_mean_of_the_steps(tiny_cfg, tmp_path):
+    """The epoch's logged train/loss (accumulated on the device, logged once at the epoch's end) against each step's
+    own loss, recorded by a callback."""
+    import lightning as L
+
+    from visionft.train import build, build_trainer
+
+    class Steps(L.Callback):
+        def __init__(self):
+            self.loss, self.n = [], []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.n.append(len(batch[1]))
+            self.loss.append(float(outputs["loss"]))
+
+    cfg = tiny_cfg("trainer.max_epochs=1", "data.batch_size=40", output_dir=tmp_path / "run")
+    dm, _, module = build(cfg)
+    trainer, _, _ = build_trainer(cfg, tmp_path / "run")
+    steps = Steps()
+    trainer.callbacks.append(steps)
+    trainer.fit(module, datamodule=dm)
+    assert len(steps.n) == 3
+    weighted = sum(l * n for l, n in zip(steps.loss, steps.n)) / sum(steps.n)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(weighted, rel=1e-5)
+    assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0
+
+
 def test_cli_run_output_is_single_quiet_and_in_output_dir(tmp_path):
     """One `python -m visionft` run: every log line once, no third-party noise, the param-group table once per
     change, and `paths.output_dir=X` holds Hydra's .hydra/ and log too (no outputs/<date>/ in the working dir)."""

@@ -60,7 +60,8 @@ def cell_overrides(backbone: str, strategy: str, device: str, photos: str | None
     size, bs = cuda_size if device == "cuda" else cpu_size, batch_size(backbone, device)
     steps = WARMUP + STEPS * WINDOWS
     data = ["data=imagefolder", f"data.root={photos}", "data.resident=true", "data.augment.name=crop_flip"] if photos \
-        else ["data=synthetic", f"data.train_size={int(bs * (steps + 1) / 0.9) + 1}", "data.test_size=16"]
+        else ["data=synthetic", f"data.train_size={int(bs * (steps + 1) / 0.9) + 1}", "data.test_size=16",
+              f"+data.native_size={size}"]  # generated at the training size, as the raw loop's batch is
     return [*over, *STRATEGIES[strategy], *data, f"data.image_size={size}", f"data.batch_size={bs}",
             "data.num_workers=0",
             f"channels_last={device == 'cuda' and backbone in CONVNETS}",
