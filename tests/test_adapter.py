@@ -55,9 +55,9 @@ def test_trainable_count_by_formula_and_the_pretrained_function_at_start(name, p
         assert (adapted.model(x) - before).abs().max() > 1e-3  # the adapters are in the forward pass
 
 
-def _bottleneck(a, x: torch.Tensor, conv: bool) -> torch.Tensor:
+def _bottleneck(a, x: torch.Tensor, conv: bool, stride: int = 1) -> torch.Tensor:
     if conv:
-        h = F.relu(F.conv2d(x, a.down.weight, a.down.bias, stride=a.down.stride))
+        h = F.relu(F.conv2d(x, a.down.weight, a.down.bias, stride=stride))
         return F.conv2d(h, a.up.weight, a.up.bias) * a.scale
     return F.linear(F.relu(F.linear(x, a.down.weight, a.down.bias)), a.up.weight, a.up.bias) * a.scale
 
@@ -79,7 +79,8 @@ def test_each_placement_computes_its_formula(name, site, placement):
         x = (torch.randn(2, _block_channels(plain.get_submodule(site))[0], 8, 8) if name == "test_resnet"
              else torch.randn(2, 5, b.model.embed_dim))  # a feature map / 5 tokens
         base = plain.get_submodule(site)(x)
-        expected = base + _bottleneck(a, x if placement == "parallel" else base, conv=x.dim() == 4)
+        stride = 2 if name == "test_resnet" and placement == "parallel" else 1  # layer2.0 halves the feature map
+        expected = base + _bottleneck(a, x if placement == "parallel" else base, conv=x.dim() == 4, stride=stride)
         assert torch.allclose(module(x), expected, atol=1e-5)
         assert (expected - base).abs().max() > 1e-3
 
@@ -116,6 +117,27 @@ def test_adapter_trains_and_exports_in_every_format(tiny_cfg, tmp_path):
     for fmt in sorted(FORMATS):  # export re-runs the checkpoint and compares the artifact's logits
         artifact, report = export(metrics["best_checkpoint"], fmt, tmp_path / fmt)
         assert artifact.is_file() and report["batch_40"]["top1_agreement"] == 1.0
+        # not a plain timm model any more: no model.safetensors that timm.create_model would reject
+        assert (tmp_path / fmt / "config.json").is_file() and not (tmp_path / fmt / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_channels_last_mlp_sites_get_linear_adapters_on_their_channels(size):
+    """ConvNeXt's MLP works on (N, H, W, C): the adapter must act on C (96), whatever the image size."""
+    b = create_backbone("convnext_atto", 10, pretrained=False, image_size=size, kwargs={"conv_mlp": False})
+    adapted = Adapter(dim=4, sites=r"stages\.0\.blocks\.0\.mlp").prepare(b.model, b)
+    a = adapted.model.get_submodule("stages.0.blocks.0.mlp").ft_adapter
+    c = b.model.stages[0].blocks[0].mlp.fc1.in_features
+    assert isinstance(a.down, nn.Linear) and (a.down.in_features, a.up.out_features) == (c, c)
+    assert adapted.model(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def test_artifact_keeps_batchnorm_statistics_when_batchnorm_trains():
+    b = create_backbone("test_resnet", 10, pretrained=False, image_size=32)
+    state = Adapter(dim=4, bn="train").prepare(b.model, b).artifact_state()
+    assert any(k.endswith("running_mean") for k in state) and any(".ft_adapter." in k for k in state)
+    b = create_backbone("test_resnet", 10, pretrained=False, image_size=32)
+    assert not any(k.endswith("running_mean") for k in Adapter(dim=4).prepare(b.model, b).artifact_state())
 
 
 def test_bad_options_and_sites_are_one_line_errors():

@@ -86,6 +86,46 @@ def test_qlora_trains_adapters_only_and_exports(kind, tiny_cfg, tmp_path):
     assert artifact.is_file() and report["batch_40"]["top1_agreement"] == 1.0
 
 
+def test_ema_copies_packed_integer_weights_and_averages_floats():
+    """EMA over a model holding uint8 packed weights: Lightning's own update truncated them (0.999 decay happened to
+    be exact; 0.9 is not). The float parameter follows the EMA formula by hand."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from visionft.callbacks import EMA
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([3.0, -1.0]))
+            self.q = nn.Parameter(torch.tensor([3, 7, 200], dtype=torch.uint8), requires_grad=False)
+
+    model = Packed()
+    averaged = AveragedModel(model, **EMA(decay=0.9)._kwargs)
+    averaged.update_parameters(model)
+    expected = model.w.detach().clone()
+    for step in range(5):
+        with torch.no_grad():
+            model.w.add_(1.0)
+        averaged.update_parameters(model)
+        expected = 0.9 * expected + 0.1 * model.w.detach()
+    assert torch.equal(averaged.module.q, model.q)  # frozen packed weights unchanged
+    assert torch.allclose(averaged.module.w, expected)
+    assert not torch.equal(averaged.module.w, model.w)  # the float parameter really is averaged
+
+
+def test_int8_is_quiet_and_refuses_a_device_its_scales_are_not_on(caplog):
+    import logging
+
+    b = _vit()
+    model = Lora(quantize="int8").prepare(b.model, b).model
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert not [r for r in caplog.records if "inputs will be cast" in r.getMessage()]  # was one per layer per call
+    layer = model.base_model.model.blocks[0].mlp.fc1
+    with pytest.raises(UsageError, match="strategy.quantize=int8 runs on the CPU only"):
+        layer(torch.empty(2, layer.in_features, device="meta"))  # any device but the one it was quantized on
+
+
 def test_quantize_errors_are_one_line():
     with pytest.raises(UsageError, match="valid: nf4, int8"):
         Lora(quantize="fp8")

@@ -1,5 +1,5 @@
-"""Small callbacks: training throughput (images/s over training batches only), a divergence guard, and
-preemption (SIGTERM, Ctrl+C) turned into a resumable checkpoint."""
+"""Small callbacks: training throughput (images/s over training batches only), a divergence guard, preemption
+(SIGTERM, Ctrl+C) turned into a resumable checkpoint, and Lightning's EMA restricted to floating-point tensors."""
 from __future__ import annotations
 
 import math
@@ -10,11 +10,32 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.optim.swa_utils import get_ema_avg_fn
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def ema_of_floats(decay: float):
+    """torch's EMA update for floating-point tensors; integer tensors (the packed weights of a quantized frozen base,
+    BatchNorm's batch counter) are copied: averaging them would truncate into their dtype."""
+    ema = get_ema_avg_fn(decay)
+
+    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged) -> torch.Tensor:
+        return ema(averaged, current, num_averaged) if averaged.is_floating_point() else current
+
+    return update
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's ``EMAWeightAveraging`` (same options), averaging floating-point tensors only."""
+
+    def __init__(self, decay: float = 0.999, **kwargs) -> None:
+        super().__init__(decay=decay, **kwargs)
+        self._kwargs["avg_fn"] = ema_of_floats(decay)
 
 
 def _now() -> float:

@@ -62,6 +62,13 @@ def _add_adapter(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.T
     return out + adapter(inputs[0] if adapter.parallel else out)
 
 
+def _channels_first(module: nn.Module) -> bool:
+    """Whether a site's 4-D output is (N, C, H, W): its last layer is a convolution, not a Linear on the last
+    dimension (ConvNeXt's MLP works on (N, H, W, C))."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return not layers or isinstance(layers[-1], nn.Conv2d)
+
+
 def _shapes(model: nn.Module, names: list[str], input_size) -> dict[str, tuple]:
     """Input and output shapes of the named modules in one forward pass of a single image."""
     modules, seen = dict(model.named_modules()), {}
@@ -122,14 +129,17 @@ class Adapter(Strategy):
             if name not in shapes:
                 raise UsageError(f"adapter site {name!r} is not called in {type(model).__name__}'s forward pass")
             (i, o), parallel = shapes[name], self.placement == "parallel"
-            conv = len(o) == 4  # feature maps (N, C, H, W); otherwise tokens with channels last
+            module = model.get_submodule(name)
+            conv = len(o) == 4 and _channels_first(module)  # (N, C, H, W); else channels last (tokens, NHWC MLPs)
+            if not conv and parallel and i[:-1] != o[:-1]:
+                raise UsageError(f"adapter site {name!r} changes its tokens' layout ({tuple(i)} -> {tuple(o)}): a "
+                                 f"parallel adapter cannot follow it; use strategy.placement=sequential")
             c_in, c_out = [s[1] if conv else s[-1] for s in ((i if parallel else o), o)]
             stride = -(-i[-1] // o[-1]) if conv and parallel else 1  # a 3 px map halves to 2: stride 2
             adapter = Bottleneck(c_in, c_out, self.dim, self.scale, conv=conv, parallel=parallel, stride=stride)
-            module = model.get_submodule(name)
             module.add_module(NAME, adapter.to(w.device, w.dtype))
             module.register_forward_hook(_add_adapter)
-        return AdapterAdapted(model, backbone)
+        return AdapterAdapted(model, backbone, with_bn_stats=self.bn == "train")
 
     def save_artifacts(self, adapted: AdapterAdapted, out) -> list:
         """``adapters.safetensors``: the adapters and the head (load onto a fresh backbone wrapped by ``prepare``)."""
@@ -140,14 +150,41 @@ class Adapter(Strategy):
         return [path]
 
 
+class AdaptedNet(nn.Module):
+    """The deployable model: the timm model with its adapters, under a name that says it is no longer a plain timm
+    model (export then ships the traced/exported artifact and ``config.json``, not a ``model.safetensors`` that
+    ``timm.create_model`` would reject for its extra keys)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg, self.num_classes = model.pretrained_cfg, model.num_classes  # for export's config.json
+        self.num_features = model.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 class AdapterAdapted(Adapted):
     """Adapter parameters belong to the depth group of the block they adapt; deployment keeps them (not mergeable)."""
+
+    def __init__(self, model: nn.Module, backbone, with_bn_stats: bool = False) -> None:
+        super().__init__(model, backbone)
+        self.with_bn_stats = with_bn_stats
 
     def plain_name(self, name: str) -> str | None:
         return None if f".{NAME}." in f".{name}" else name
 
+    def to_deployable(self) -> nn.Module:
+        return AdaptedNet(self.model)
+
     def artifact_state(self) -> dict:
-        return {n: p.detach() for n, p in self.model.named_parameters() if self.trainable(n)}
+        """Adapters and head [+ BatchNorm statistics when BatchNorm trained]."""
+        state = {n: p.detach() for n, p in self.model.named_parameters() if self.trainable(n)}
+        if self.with_bn_stats:
+            state.update({k: v for k, v in self.model.state_dict().items()
+                          if k.endswith(("running_mean", "running_var", "num_batches_tracked"))})
+        return state
 
     def wise_anchor(self, start: dict, end: dict) -> dict:
         """With ``up`` at zero, ``down``'s random start is not part of the function: keep ``down`` as trained, so

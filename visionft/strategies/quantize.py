@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 
 from torch import nn
 
@@ -48,6 +47,7 @@ def _quantized(bnb, linear: nn.Linear, kind: str) -> nn.Module:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False)
         q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
         q._register_load_state_dict_pre_hook(_load_int8_state, with_module=True)
+        q.register_forward_pre_hook(_int8_on_its_device)
     if bias:
         q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return q.to(w.device)  # bitsandbytes quantizes as the weight moves to its device
@@ -63,6 +63,15 @@ def _load_nf4_state(module, state_dict, prefix, *args) -> None:
         w = module.weight
         module.weight = bnb.nn.Params4bit.from_prequantized(state_dict[prefix + "weight"], stats, requires_grad=False,
                                                             device=w.device, module=module)
+
+
+def _int8_on_its_device(module, inputs) -> None:
+    """LLM.int8 weights quantized on the CPU lose their row scales when ``Module.to`` moves them (torch keeps the old
+    parameter object, bitsandbytes' moved scales live on the new one): refuse instead of computing with stale ones."""
+    state = module.state.SCB if module.state.SCB is not None else module.weight.SCB
+    if state is not None and state.device != inputs[0].device:
+        raise UsageError(f"strategy.quantize=int8 runs on the CPU only (its weights were quantized there and their "
+                         f"scales do not follow a move to {inputs[0].device}); use strategy.quantize=nf4 on a GPU")
 
 
 def _load_int8_state(module, state_dict, prefix, *args) -> None:
@@ -92,6 +101,10 @@ def base_bytes(model: nn.Module, skip: str) -> int:
     return total
 
 
+def _not_the_cast_notice(record: logging.LogRecord) -> bool:
+    return "inputs will be cast from" not in record.getMessage()
+
+
 def quantize_linears(model: nn.Module, kind: str, skip: str) -> list[str]:
     """Replace every ``nn.Linear`` outside module ``skip`` (the head) by its quantized form; returns their names."""
     if kind not in QUANTIZE:
@@ -103,8 +116,8 @@ def quantize_linears(model: nn.Module, kind: str, skip: str) -> list[str]:
         raise UsageError(f"strategy.quantize={kind} quantizes linear layers, and {type(model).__name__} has none "
                          f"outside its head: use a ViT-family backbone (vit_small, dinov2_small, clip_vit_b16) or "
                          f"drop strategy.quantize")
-    if kind == "int8":  # LLM.int8 casts activations to float16 by design; bitsandbytes warns on every layer
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    if kind == "int8":  # LLM.int8 casts activations to float16 by design; bitsandbytes logs it on every call
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_the_cast_notice)
     before = base_bytes(model, skip)
     for name in names:
         parent, _, attr = name.rpartition(".")
