@@ -45,6 +45,8 @@ TABLE = {
                     {0: "all", 1: "all", 2: "all"}, "frozen", 0.5),
     "peft_loha": (["strategy=peft", "strategy.method=loha", "+strategy.options={r: 2}"], {0: "all", 1: "all", 2: "all"},
                   "frozen", 1.0),
+    "lora_nf4": (["strategy=lora", "strategy.r=2", "strategy.quantize=nf4"], {0: "all", 1: "all", 2: "all"}, "frozen",
+                 1.0),
     "bitfit_norm": (["strategy=bitfit", "strategy.norm=true"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "vpt": (["strategy=vpt", "strategy.tokens=2"], {0: "all", 1: "all", 2: "all"}, "frozen", 1.0),
     "vpt_deep": (["strategy=vpt", "strategy.tokens=2", "strategy.deep=true"], {0: "all", 1: "all", 2: "all"},
@@ -64,6 +66,7 @@ def _norm_weights(model):
 PARTIAL = {
     "lora": lambda n, m: any(a in n for a in ADAPTED),
     "dora": lambda n, m: any(a in n for a in ADAPTED),
+    "lora_nf4": lambda n, m: any(a in n for a in ADAPTED),  # the packed 4-bit base never moves
     "ssf": lambda n, m: ".ssf_" in n or n.startswith(HEAD),  # scales/shifts and the head
     "adapter": lambda n, m: ".ft_adapter." in n or n.startswith(HEAD),  # bottleneck adapters and the head
     "adapter_seq": lambda n, m: ".ft_adapter." in n or n.startswith(HEAD),
@@ -73,7 +76,7 @@ PARTIAL = {
     "vpt": lambda n, m: n.startswith("prompts.") or n.startswith(tuple("vit." + h for h in HEAD)),
     "vpt_deep": lambda n, m: n.startswith("prompts.") or n.startswith(tuple("vit." + h for h in HEAD)),
 }
-ONLY = {"vpt": "vit", "vpt_deep": "vit"}  # ViT-family strategies
+ONLY = {"vpt": "vit", "vpt_deep": "vit", "lora_nf4": "vit"}  # ViT-family strategies (bitsandbytes: linear layers)
 # zero_init_last=False: timm zero-initializes each residual block's last BN gamma, which at random init would stop
 # every gradient inside the block (adapters there could never be seen to train)
 MODELS = {"resnet": ("test_resnet", RESNET, ["+backbone.kwargs.zero_init_last=false"]), "vit": ("test_vit", VIT, ["data.image_size=32"])}
@@ -129,7 +132,7 @@ def _run(tiny_cfg, overrides):
 @pytest.mark.parametrize("case", TABLE)
 def test_strategy_table(case, model, tiny_cfg):
     if ONLY.get(case, model) != model:
-        pytest.skip(f"{case} is for {ONLY[case]} backbones (the convnet error is tested in test_bitfit_vpt.py)")
+        pytest.skip(f"{case} is for {ONLY[case]} backbones (the convnet error: test_bitfit_vpt.py, test_quantize.py)")
     overrides, table, bn_policy, decay = TABLE[case]
     timm_name, group_names, extra = MODELS[model]
     cfg, backbone, module, rec = _run(tiny_cfg, [f"backbone.name={timm_name}", *extra, *overrides])
@@ -143,7 +146,7 @@ def test_strategy_table(case, model, tiny_cfg):
         expected = {n for n, _ in module.model.named_parameters() if module.gates.depths[n] in opened[epoch]
                     and part(n, plain)}
         assert rec.changed[epoch] == expected, f"epoch {epoch}"
-        if case in ("lora", "dora"):
+        if case in ("lora", "dora", "lora_nf4"):
             assert any("lora_B" in n for n in expected) and any("modules_to_save" in n for n in expected)
         if case.startswith("vpt"):
             assert sum(n.startswith("prompts.") for n in expected) == (6 if case == "vpt_deep" else 1)
