@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +18,10 @@ def _cli(args, cwd, env=None):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
 
 
+_STRATEGIES = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "strategy").glob("*.yaml"))
 CASES = {
-    "unknown option": (["strategy=nope"], "strategy=nope is not an option of the strategy group; valid: bitfit,"),
+    "unknown option": (["strategy=nope"], "strategy=nope is not an option of the strategy group; valid: "
+                       + ", ".join(_STRATEGIES)),  # every option the folder holds, whatever gets added
     "unknown option in a sweep": (["-m", "strategy=full,nope"], "strategy=nope is not an option"),
     "unknown option in a list": (["logger=[csv,nope]"], "valid: csv, mlflow, none, tensorboard, wandb"),
     "group typo": (["stratgy=full"], "unknown key stratgy: did you mean strategy?"),
