@@ -10,11 +10,14 @@ For every backbone x strategy cell, the same model trains on the same data two w
   images fixed on the device (with ``photos``: the files decoded once into a tensor, random batches, shifts and flips), normalize,
   forward, cross-entropy, backward, AdamW step (fused on CUDA), no logging.
 
-Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Each side
-times windows of ``STEPS`` optimizer steps after ``WARMUP`` steps, the device synchronized at window boundaries
-only. Speed: ``ROUNDS`` child processes, each running raw, visionft, raw (a shared machine's process-to-process
-swings of ±20% then move both sides alike); the median over all windows. Peak memory: one child per side (CUDA:
-``max_memory_allocated`` after warm-up; CPU: the child's peak resident set). ``linear_probe`` here is its gradient
+Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Speed is
+paired: inside visionft's run, windows of ``STEPS`` of its optimizer steps alternate with windows of ``STEPS`` raw
+steps on a copy of the model (``Interleaved``), after ``WARMUP`` steps of each, the device synchronized at window
+boundaries only; each visionft window is compared with the two raw windows around it (this shared machine's speed
+drifts 10-20% over seconds and ±20% between processes: measured side by side in separate processes or even one
+after the other in one process, ratios read ±0.1). ``ROUNDS`` such processes per cell; the ratio is the median
+pair ratio, reported with its interquartile range. Peak memory: one child per side (CUDA: ``max_memory_allocated``
+after warm-up; CPU: the child's peak resident set). ``linear_probe`` here is its gradient
 head (``strategy.solver=adamw``, the only one with training steps); the default closed-form probe's cost is
 ``--case probe``'s.
 """
@@ -35,7 +38,7 @@ import torch
 import lightning as L
 
 WARMUP, STEPS, WINDOWS = 3, 5, 5  # steps excluded, steps per timed window, windows (median reported)
-ROUNDS = 2  # speed processes per cell (each: raw, visionft, raw); the median over all their windows counts
+ROUNDS = 2  # speed processes per cell, each with WINDOWS visionft windows between WINDOWS + 1 raw ones
 BACKBONES = {  # name: (overrides, image size on CPU, on CUDA); offline, weights other than the default are random
     "efficientnet_lite0": (["backbone=efficientnet_lite0"], 64, 224),
     "resnet50": (["backbone=resnet50", "backbone.pretrained=false"], 64, 224),
@@ -70,47 +73,114 @@ def cell_overrides(backbone: str, strategy: str, device: str, photos: str | None
             "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
 
 
-class Windows:
-    """Times windows of ``STEPS`` steps after ``WARMUP``; call ``tick()`` at the start of every step and once after
-    the last. The device is synchronized only at window boundaries."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.step, self.marks = device, 0, []
-
-    def tick(self) -> None:
-        if self.step >= WARMUP and (self.step - WARMUP) % STEPS == 0 and len(self.marks) <= WINDOWS:
-            if self.device == "cuda":
-                torch.cuda.synchronize()
-                if not self.marks:
-                    torch.cuda.reset_peak_memory_stats()
-            self.marks.append(time.perf_counter())
-        self.step += 1
-
-    def result(self, batch: int) -> dict:
-        spans = [b - a for a, b in zip(self.marks, self.marks[1:])]
-        if len(spans) < WINDOWS:
-            raise RuntimeError(f"only {len(spans)} of {WINDOWS} windows were timed ({self.step} steps)")
-        peak = (torch.cuda.max_memory_allocated() if self.device == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        return {"images_per_s": round(STEPS * batch / statistics.median(spans), 1),
-                "window_images_per_s": [round(STEPS * batch / s, 1) for s in spans],
-                "peak_mem_mib": round(peak / 2 ** 20, 1)}
+def _sync(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
-class StepTimer(L.Callback):
-    """visionft's side: ``Windows`` ticked at every training batch start and after the last batch (before the
-    epoch's validation and checkpoints, which are not train steps)."""
+def _peak_mib(device: str) -> float:
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return round(peak / 2 ** 20, 1)
 
-    def __init__(self, out: str, device: str, batch: int) -> None:
-        self.out, self.windows, self.batch = out, Windows(device), batch
+
+class RawLoop:
+    """The loop a user writes by hand, on a model visionft built (its epoch-0 trainable set and BatchNorm modes): a
+    fixed batch of the cell's own training images (random bytes run at another speed on CPU: a random-init network's
+    activations on smooth images go denormal, 10-20% slower) or, with ``decoded``, random batches of the files decoded
+    once, shifted and flipped; normalize, forward, cross-entropy, backward, AdamW (fused on CUDA)."""
+
+    def __init__(self, model, mean, std, device: str, channels_last: bool, batch=None, decoded=None,
+                 batch_size: int = 0) -> None:
+        self.model, self.mean, self.std, self.device, self.channels_last = model, mean, std, device, channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device == "cuda")
+        self.batch, self.decoded, self.batch_size = batch, decoded, batch_size
+        self.g = torch.Generator().manual_seed(0)
+
+    def step(self) -> None:
+        import torch.nn.functional as F
+
+        x, y = self.batch if self.decoded is None else _tensor_batch(*self.decoded, self.batch_size, self.g)
+        xf = (x.float() - self.mean) / self.std
+        if self.channels_last:
+            xf = xf.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            loss = F.cross_entropy(self.model(xf), y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def window(self, steps: int) -> float:
+        """Seconds for ``steps`` steps, the device synchronized at both ends."""
+        t = _sync(self.device)
+        for _ in range(steps):
+            self.step()
+        return _sync(self.device) - t
+
+
+def raw_loop_for(module, device: str, batch, photos_dm=None, copy_model: bool = True) -> RawLoop:
+    """A RawLoop on ``module.model`` (a copy of it by default) with the strategy's epoch-0 gates (requires_grad,
+    BatchNorm modes)."""
+    import copy
+
+    model = (copy.deepcopy(module.model) if copy_model else module.model).to(device).train()
+    module.gates.apply(model, 0, toggle_requires_grad=True)
+    x, y = (t.detach().clone().to(device) for t in batch)
+    decoded = _decode_once(photos_dm, x.shape[-1], device) if photos_dm is not None else None
+    return RawLoop(model, module.mean.to(device), module.std.to(device), device, bool(module.options.channels_last),
+                   (x, y), decoded, x.shape[0])
+
+
+class Interleaved(L.Callback):
+    """Speed, paired: inside visionft's own training run, its windows of ``STEPS`` steps alternate with the raw
+    loop's (raw, visionft, raw, ..., visionft, raw) on a copy of the same model, after ``WARMUP`` steps of each.
+    Every visionft window is compared with the mean of the two raw windows around it, so a shared machine's speed,
+    which drifts by 10-20% over seconds, moves both sides of a pair alike. The device is synchronized only at window
+    boundaries; the raw windows run between visionft's steps, outside its timed spans."""
+
+    def __init__(self, out: str, device: str, batch: int, photos: bool = False) -> None:
+        self.out, self.device, self.batch, self.photos = out, device, batch, photos
+        self.raw, self.raw_spans, self.vf_spans, self._open = None, [], [], None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.windows.tick()
+        if self.raw is None:
+            self.raw = raw_loop_for(pl_module, self.device, batch, trainer.datamodule if self.photos else None)
+        self._boundary(batch_idx)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == trainer.num_training_batches - 1:
-            self.windows.tick()
-            Path(self.out).write_text(json.dumps(self.windows.result(self.batch)))
+            self._boundary(batch_idx + 1)
+            Path(self.out).write_text(json.dumps({"raw_spans": self.raw_spans, "visionft_spans": self.vf_spans}))
+
+    def _boundary(self, step: int) -> None:
+        if step < WARMUP or (step - WARMUP) % STEPS or len(self.vf_spans) >= WINDOWS:
+            return
+        now = _sync(self.device)
+        if self._open is not None:
+            self.vf_spans.append(now - self._open)
+        if step == WARMUP:
+            self.raw.window(WARMUP)  # the raw side's warm-up
+        self.raw_spans.append(self.raw.window(STEPS))
+        self._open = _sync(self.device) if len(self.vf_spans) < WINDOWS else None
+
+
+class PeakMemory(L.Callback):
+    """visionft's side of the memory comparison (a process of its own): peak after the timed steps."""
+
+    def __init__(self, out: str, device: str) -> None:
+        self.out, self.device = out, device
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == WARMUP and self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == trainer.num_training_batches - 1:
+            Path(self.out).write_text(json.dumps({"peak_mem_mib": _peak_mib(self.device)}))
 
 
 def _compose(overrides: list[str]):
@@ -120,7 +190,7 @@ def _compose(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def run_visionft(overrides: list[str], out: Path, device: str, batch: int) -> None:
+def run_visionft(overrides: list[str], out: Path, device: str, batch: int, timer: dict) -> None:
     from omegaconf import open_dict
 
     from visionft.train import train
@@ -128,60 +198,33 @@ def run_visionft(overrides: list[str], out: Path, device: str, batch: int) -> No
     out.mkdir(parents=True, exist_ok=True)
     cfg = _compose([*overrides, f"paths.output_dir={out / 'run'}", f"paths.cache_dir={out / 'cache'}"])
     with open_dict(cfg):
-        cfg.callbacks.step_timer = {"_target_": "bench_overhead.StepTimer", "out": str(out / "result.json"),
-                                    "device": device, "batch": batch}
+        cfg.callbacks.bench_timer = {"out": str(out / "result.json"), "device": device, **timer}
     train(cfg)
 
 
-def run_raw(overrides: list[str], out: Path, device: str, batch: int, name: str = "result.json") -> None:
-    """The hand-written loop on the model visionft builds for this cell (its epoch-0 trainable set and BN modes)."""
-    import torch.nn.functional as F
+def run_both(overrides: list[str], out: Path, device: str, batch: int, photos: bool) -> None:
+    """Speed: visionft's run with the raw loop's windows interleaved (``Interleaved``)."""
+    run_visionft(overrides, out, device, batch, {"_target_": "bench_overhead.Interleaved", "batch": batch,
+                                                 "photos": photos})
 
+
+def run_visionft_memory(overrides: list[str], out: Path, device: str, batch: int, photos: bool) -> None:
+    run_visionft(overrides, out, device, batch, {"_target_": "bench_overhead.PeakMemory"})
+
+
+def run_raw(overrides: list[str], out: Path, device: str, batch: int, photos: bool) -> None:
+    """Memory: the raw loop alone in its process, on the model visionft builds for this cell."""
     from visionft.train import build
 
     cfg = _compose([*overrides, f"paths.output_dir={out / 'run'}"])
     L.seed_everything(cfg.seed, verbose=False)
     dm, _, module = build(cfg)
-    model = module.model.to(device).train()
-    module.gates.apply(model, 0, toggle_requires_grad=True)  # requires_grad and BatchNorm modes at epoch 0
-    channels_last = bool(cfg.channels_last)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device == "cuda")
-    mean, std = module.mean.to(device), module.std.to(device)
-    g = torch.Generator().manual_seed(0)
-    size = int(cfg.data.image_size)
-    # the same data: a batch of the cell's own training images (random bytes run at another speed on CPU: a
-    # random-init network's activations on smooth images go denormal, 10-20% slower)
-    x, y = (t.to(device) for t in next(iter(dm.train_dataloader())))
-    decoded = _decode_once(dm, size, device) if cfg.data.get("root") else None
-    windows = Windows(device)
-    for _ in range(WARMUP + STEPS * WINDOWS):
-        windows.tick()
-        if decoded is not None:  # a decode-once tensor loop: random batch, random shift, flips
-            x, y = _tensor_batch(*decoded, batch, g)
-        xf = (x.float() - mean) / std
-        if channels_last:
-            xf = xf.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = F.cross_entropy(model(xf), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    windows.tick()
-    (out / name).write_text(json.dumps(windows.result(batch)))
-
-
-def run_both(overrides: list[str], out: Path, device: str, batch: int) -> None:
-    """Speed, in one process: raw, visionft, raw again (ABA), so a process that happens to run slower or faster on a
-    shared machine moves both sides alike; the raw side counts both its passes."""
-    run_raw(overrides, out, device, batch, "raw1.json")
-    run_visionft(overrides, out / "vf", device, batch)
-    run_raw(overrides, out, device, batch, "raw2.json")
-    raw = [json.loads((out / f).read_text())["window_images_per_s"] for f in ("raw1.json", "raw2.json")]
-    vf = json.loads((out / "vf" / "result.json").read_text())["window_images_per_s"]
-    (out / "result.json").write_text(json.dumps({"raw": raw[0] + raw[1], "visionft": vf}))
+    raw = raw_loop_for(module, device, next(iter(dm.train_dataloader())), dm if photos else None, copy_model=False)
+    raw.window(WARMUP)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    raw.window(STEPS * WINDOWS)
+    (out / "result.json").write_text(json.dumps({"peak_mem_mib": _peak_mib(device)}))
 
 
 def _decode_once(dm, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +268,7 @@ def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | 
                   photos: str | None = None) -> list[dict]:
     """Every backbone x strategy cell (or those ``cells`` names: ``BACKBONE`` or ``BACKBONE:STRATEGY``); with
     ``photos`` (an ImageFolder), on those JPEGs through the resident path against a decode-once tensor loop.
-    Speed: ``ROUNDS`` processes each timing raw, visionft, raw (``run_both``); peak memory: one process per side."""
+    Speed: ``ROUNDS`` processes of interleaved windows (``Interleaved``); peak memory: one process per side."""
     wanted = [(b, s) for b in BACKBONES for s in STRATEGIES
               if cells is None or b in cells or f"{b}:{s}" in cells]
     rows = []
@@ -239,25 +282,34 @@ def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | 
         if bad:
             row.update(error=bad[0])
         else:
-            raw = [w for r in speed for w in r["raw"]]
-            vf = [w for r in speed for w in r["visionft"]]
-            row.update(raw_images_per_s=round(statistics.median(raw), 1),
-                       visionft_images_per_s=round(statistics.median(vf), 1),
-                       ratio=round(statistics.median(vf) / statistics.median(raw), 3),
+            row.update(paired_speeds(speed, row["batch"]),
                        raw_peak_mib=memory["raw"]["peak_mem_mib"], visionft_peak_mib=memory["visionft"]["peak_mem_mib"],
-                       mem_ratio=round(memory["visionft"]["peak_mem_mib"] / memory["raw"]["peak_mem_mib"], 3),
-                       raw_windows=raw, visionft_windows=vf)
+                       mem_ratio=round(memory["visionft"]["peak_mem_mib"] / memory["raw"]["peak_mem_mib"], 3))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
+def paired_speeds(speed: list[dict], batch: int) -> dict:
+    """Images/s per side (medians over windows) and the ratio: the median over every visionft window of its speed
+    against the mean of the two raw windows around it, with the middle half of those pair ratios (its spread)."""
+    raw, vf, pairs = [], [], []
+    for r in speed:
+        raw += [STEPS * batch / s for s in r["raw_spans"]]
+        vf += [STEPS * batch / s for s in r["visionft_spans"]]
+        pairs += [(a + b) / 2 / v for a, b, v in zip(r["raw_spans"], r["raw_spans"][1:], r["visionft_spans"])]
+    q1, _, q3 = statistics.quantiles(pairs, n=4)
+    return {"raw_images_per_s": round(statistics.median(raw), 1), "visionft_images_per_s": round(statistics.median(vf), 1),
+            "ratio": round(statistics.median(pairs), 3), "ratio_iqr": f"{q1:.3f}-{q3:.3f}",
+            "raw_windows": [round(w, 1) for w in raw], "visionft_windows": [round(w, 1) for w in vf]}
+
+
 COLUMNS = ["backbone", "strategy", "data", "image_size", "batch", "raw_images_per_s", "visionft_images_per_s", "ratio",
-           "raw_peak_mib", "visionft_peak_mib", "mem_ratio"]
+           "ratio_iqr", "raw_peak_mib", "visionft_peak_mib", "mem_ratio"]
 
 
 if __name__ == "__main__":  # a child: python bench_overhead.py SIDE BACKBONE STRATEGY DEVICE OUT [overrides]
     side, backbone, strategy, device, photos, out, *extra = sys.argv[1:]
     over = [*cell_overrides(backbone, strategy, device, None if photos == "-" else photos), *extra]
-    run = {"raw": run_raw, "visionft": run_visionft, "both": run_both}[side]
-    run(over, Path(out), device, batch_size(backbone, device))
+    run = {"raw": run_raw, "visionft": run_visionft_memory, "both": run_both}[side]
+    run(over, Path(out), device, batch_size(backbone, device), photos != "-")
