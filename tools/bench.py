@@ -151,7 +151,8 @@ def main() -> None:
             from bench_probe import build_cifar_photos
 
             photos = str(build_cifar_photos(a.cifar_root, work / "cifar10_photos",
-                                            (("train", 500), ("val", 20), ("test", 20))))
+                                            (("train", 4900 if a.device == "cuda" else 500),  # >= 28 batches of 512 on CUDA
+                                             ("val", 20), ("test", 20))))
         rows, cols = overhead_rows(work, a.device, a.overrides, a.cells or (["resnet18@32:full"] if photos else None),
                                    photos), COLUMNS
     else:

@@ -13,7 +13,7 @@ For every backbone x strategy cell, the same model trains on the same data two w
 Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Speed is
 paired: inside visionft's run, windows of ``STEPS`` of its optimizer steps alternate with windows of ``STEPS`` raw
 steps on a copy of the model (``Interleaved``), after ``WARMUP`` steps of each, the device synchronized at window
-boundaries only; each visionft window is compared with the two raw windows around it (this shared machine's speed
+boundaries only; each visionft window is compared with the raw loop's speed over the two raw windows around it (this shared machine's speed
 drifts 10-20% over seconds and ±20% between processes: measured side by side in separate processes or even one
 after the other in one process, ratios read ±0.1). ``ROUNDS`` such processes per cell; the ratio is the median
 pair ratio, reported with its interquartile range. Peak memory: one child per side (CUDA: ``max_memory_allocated``
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import lightning as L
 
-WARMUP, STEPS, WINDOWS = 3, 5, 5  # steps excluded, steps per timed window, windows (median reported)
+WARMUP, STEPS, WINDOWS = 3, 5, 5  # steps excluded, steps per timed window, timed visionft windows per process
 ROUNDS = 2  # speed processes per cell, each with WINDOWS visionft windows between WINDOWS + 1 raw ones
 BACKBONES = {  # name: (overrides, image size on CPU, on CUDA); offline, weights other than the default are random
     "efficientnet_lite0": (["backbone=efficientnet_lite0"], 64, 224),
@@ -147,13 +147,17 @@ class Interleaved(L.Callback):
         self.raw, self.raw_spans, self.vf_spans, self._open = None, [], [], None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.raw is None:
+        if self.raw is None:  # before visionft's first step; its warm-up steps then separate this from raw window 0
             self.raw = raw_loop_for(pl_module, self.device, batch, trainer.datamodule if self.photos else None)
-        self._boundary(batch_idx)
+            self.raw.window(WARMUP)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # every boundary at a batch end: each visionft window holds STEPS whole loop iterations (fetch, hooks, step)
+        self._boundary(batch_idx + 1)
         if batch_idx == trainer.num_training_batches - 1:
-            self._boundary(batch_idx + 1)
+            if len(self.vf_spans) < WINDOWS:
+                raise RuntimeError(f"only {len(self.vf_spans)} of {WINDOWS} windows were timed ({batch_idx + 1} "
+                                   f"steps; {WARMUP + STEPS * WINDOWS} needed)")
             Path(self.out).write_text(json.dumps({"raw_spans": self.raw_spans, "visionft_spans": self.vf_spans}))
 
     def _boundary(self, step: int) -> None:
@@ -162,8 +166,6 @@ class Interleaved(L.Callback):
         now = _sync(self.device)
         if self._open is not None:
             self.vf_spans.append(now - self._open)
-        if step == WARMUP:
-            self.raw.window(WARMUP)  # the raw side's warm-up
         self.raw_spans.append(self.raw.window(STEPS))
         self._open = _sync(self.device) if len(self.vf_spans) < WINDOWS else None
 
@@ -292,7 +294,8 @@ def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | 
 
 def paired_speeds(speed: list[dict], batch: int) -> dict:
     """Images/s per side (medians over windows) and the ratio: the median over every visionft window of its speed
-    against the mean of the two raw windows around it, with the middle half of those pair ratios (its spread)."""
+    against the raw loop's over the two raw windows around it (their summed steps over their summed time), with the
+    middle half of those pair ratios (its spread). The ratio is not the quotient of the two medians."""
     raw, vf, pairs = [], [], []
     for r in speed:
         raw += [STEPS * batch / s for s in r["raw_spans"]]
