@@ -101,24 +101,26 @@ class RawLoop:
         self.batch, self.decoded, self.batch_size = batch, decoded, batch_size
         self.g = torch.Generator().manual_seed(0)
 
-    def step(self) -> None:
+    def step(self, batch=None) -> None:
         import torch.nn.functional as F
 
-        x, y = self.batch if self.decoded is None else _tensor_batch(*self.decoded, self.batch_size, self.g)
+        if batch is None:
+            batch = self.batch if self.decoded is None else _tensor_batch(*self.decoded, self.batch_size, self.g)
+        x, y = batch
         xf = (x.float() - self.mean) / self.std
         if self.channels_last:
             xf = xf.contiguous(memory_format=torch.channels_last)
+        self.opt.zero_grad(set_to_none=True)  # first, as in PyTorch's own examples (and as Lightning does)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
             loss = F.cross_entropy(self.model(xf), y)
         loss.backward()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
 
-    def window(self, steps: int) -> float:
-        """Seconds for ``steps`` steps, the device synchronized at both ends."""
+    def window(self, steps: int, batches: list | None = None) -> float:
+        """Seconds for ``steps`` steps (on ``batches`` when given), the device synchronized at both ends."""
         t = _sync(self.device)
-        for _ in range(steps):
-            self.step()
+        for i in range(steps):
+            self.step(batches[i % len(batches)] if batches else None)
         return _sync(self.device) - t
 
 
@@ -144,7 +146,7 @@ class Interleaved(L.Callback):
 
     def __init__(self, out: str, device: str, batch: int, photos: bool = False) -> None:
         self.out, self.device, self.batch, self.photos = out, device, batch, photos
-        self.raw, self.raw_spans, self.vf_spans, self._open = None, [], [], None
+        self.raw, self.raw_spans, self.vf_spans, self._open, self.seen = None, [], [], None, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.raw is None:  # before visionft's first step; its warm-up steps then separate this from raw window 0
@@ -153,6 +155,8 @@ class Interleaved(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # every boundary at a batch end: each visionft window holds STEPS whole loop iterations (fetch, hooks, step)
+        if not self.photos:  # the raw window replays the batches visionft just trained on (same images, same order)
+            self.seen = [*self.seen[-(STEPS - 1):], batch]
         self._boundary(batch_idx + 1)
         if batch_idx == trainer.num_training_batches - 1:
             if len(self.vf_spans) < WINDOWS:
@@ -166,7 +170,7 @@ class Interleaved(L.Callback):
         now = _sync(self.device)
         if self._open is not None:
             self.vf_spans.append(now - self._open)
-        self.raw_spans.append(self.raw.window(STEPS))
+        self.raw_spans.append(self.raw.window(STEPS, self.seen or None))
         self._open = _sync(self.device) if len(self.vf_spans) < WINDOWS else None
 
 
@@ -313,6 +317,9 @@ COLUMNS = ["backbone", "strategy", "data", "image_size", "batch", "raw_images_pe
 
 if __name__ == "__main__":  # a child: python bench_overhead.py SIDE BACKBONE STRATEGY DEVICE OUT [overrides]
     side, backbone, strategy, device, photos, out, *extra = sys.argv[1:]
+    # value-dependent speed off: on CPU, denormal floats (a random-init network on smooth synthetic images makes
+    # them, more or fewer with each batch and weight state) run 10-30% slower; flushed to zero on both sides
+    torch.set_flush_denormal(device == "cpu")
     over = [*cell_overrides(backbone, strategy, device, None if photos == "-" else photos), *extra]
     run = {"raw": run_raw, "visionft": run_visionft_memory, "both": run_both}[side]
     run(over, Path(out), device, batch_size(backbone, device), photos != "-")
