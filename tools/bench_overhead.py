@@ -5,10 +5,10 @@ For every backbone x strategy cell, the same model trains on the same data two w
 - **visionft**: the real path, ``train(cfg)`` (Trainer, its callbacks and loggers, the gates, the datamodule's
   loader and augmentation, the LR schedule), on the synthetic in-memory dataset (uint8 images; the data path every
   in-memory dataset takes) or, with ``photos``, an ImageFolder of JPEGs;
-- **raw**: the loop a user writes by hand: the model visionft built (same weights, same parameters frozen, same
-  BatchNorm modes: the strategy's state at epoch 0, read off ``module.gates``), one batch of the same training
-  images fixed on the device (with ``photos``: the files decoded once into a tensor, random batches, shifts and flips), normalize,
-  forward, cross-entropy, backward, AdamW step (fused on CUDA), no logging.
+- **raw**: the loop a user writes by hand: a copy of the model visionft built (same weights, same parameters frozen,
+  same BatchNorm modes: the strategy's state at epoch 0, read off ``module.gates``), replaying the batches visionft
+  just trained on (with ``photos``: the files decoded once into a tensor, random batches, shifts and flips); zero
+  the gradients, normalize, forward, cross-entropy, backward, AdamW step (fused on CUDA), no logging.
 
 Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Speed is
 paired: inside visionft's run, windows of ``STEPS`` of its optimizer steps alternate with windows of ``STEPS`` raw
