@@ -13,8 +13,8 @@ For every backbone x strategy cell, the same model trains on the same data two w
 Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Speed is
 paired: inside visionft's run, windows of ``STEPS`` of its optimizer steps alternate with windows of ``STEPS`` raw
 steps on a copy of the model (``Interleaved``), after ``WARMUP`` steps of each, the device synchronized at window
-boundaries only; each visionft window is compared with the raw loop's speed over the two raw windows around it (this shared machine's speed
-drifts 10-20% over seconds and ±20% between processes: measured side by side in separate processes or even one
+boundaries only; each visionft window is compared with the raw loop's speed over the two raw windows around it
+(this shared machine's speed drifts 10-20% over seconds and ±20% between processes: measured side by side in separate processes or even one
 after the other in one process, ratios read ±0.1). ``ROUNDS`` such processes per cell; the ratio is the median
 pair ratio, reported with its interquartile range. Peak memory: one child per side (CUDA: ``max_memory_allocated``
 after warm-up; CPU: the child's peak resident set). ``linear_probe`` here is its gradient
@@ -86,10 +86,10 @@ def _peak_mib(device: str) -> float:
 
 
 class RawLoop:
-    """The loop a user writes by hand, on a model visionft built (its epoch-0 trainable set and BatchNorm modes): a
-    fixed batch of the cell's own training images (random bytes run at another speed on CPU: a random-init network's
-    activations on smooth images go denormal, 10-20% slower) or, with ``decoded``, random batches of the files decoded
-    once, shifted and flipped; normalize, forward, cross-entropy, backward, AdamW (fused on CUDA)."""
+    """The loop a user writes by hand, on a model visionft built (its epoch-0 trainable set and BatchNorm modes): the
+    batches it is given (``Interleaved`` replays visionft's), else a fixed batch of the cell's own training images, or
+    with ``decoded`` random batches of the files decoded once, shifted and flipped; zero the gradients, normalize,
+    forward, cross-entropy, backward, AdamW (fused on CUDA)."""
 
     def __init__(self, model, mean, std, device: str, channels_last: bool, batch=None, decoded=None,
                  batch_size: int = 0) -> None:
@@ -140,12 +140,12 @@ def raw_loop_for(module, device: str, batch, photos_dm=None, copy_model: bool = 
 class Interleaved(L.Callback):
     """Speed, paired: inside visionft's own training run, its windows of ``STEPS`` steps alternate with the raw
     loop's (raw, visionft, raw, ..., visionft, raw) on a copy of the same model, after ``WARMUP`` steps of each.
-    Every visionft window is compared with the mean of the two raw windows around it, so a shared machine's speed,
+    Every visionft window is compared with the raw loop over the two raw windows around it, so a shared machine's speed,
     which drifts by 10-20% over seconds, moves both sides of a pair alike. The device is synchronized only at window
     boundaries; the raw windows run between visionft's steps, outside its timed spans."""
 
-    def __init__(self, out: str, device: str, batch: int, photos: bool = False) -> None:
-        self.out, self.device, self.batch, self.photos = out, device, batch, photos
+    def __init__(self, out: str, device: str, photos: bool = False) -> None:
+        self.out, self.device, self.photos = out, device, photos
         self.raw, self.raw_spans, self.vf_spans, self._open, self.seen = None, [], [], None, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -196,7 +196,7 @@ def _compose(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def run_visionft(overrides: list[str], out: Path, device: str, batch: int, timer: dict) -> None:
+def run_visionft(overrides: list[str], out: Path, device: str, timer: dict) -> None:
     from omegaconf import open_dict
 
     from visionft.train import train
@@ -210,12 +210,11 @@ def run_visionft(overrides: list[str], out: Path, device: str, batch: int, timer
 
 def run_both(overrides: list[str], out: Path, device: str, batch: int, photos: bool) -> None:
     """Speed: visionft's run with the raw loop's windows interleaved (``Interleaved``)."""
-    run_visionft(overrides, out, device, batch, {"_target_": "bench_overhead.Interleaved", "batch": batch,
-                                                 "photos": photos})
+    run_visionft(overrides, out, device, {"_target_": "bench_overhead.Interleaved", "photos": photos})
 
 
 def run_visionft_memory(overrides: list[str], out: Path, device: str, batch: int, photos: bool) -> None:
-    run_visionft(overrides, out, device, batch, {"_target_": "bench_overhead.PeakMemory"})
+    run_visionft(overrides, out, device, {"_target_": "bench_overhead.PeakMemory"})
 
 
 def run_raw(overrides: list[str], out: Path, device: str, batch: int, photos: bool) -> None:
