@@ -120,6 +120,7 @@ def _bns(module):
 def _run(tiny_cfg, overrides):
     cfg = tiny_cfg(f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES}",
                    "trainer.limit_val_batches=1", "scheduler.warmup_epochs=1", *overrides)
+    L.seed_everything(cfg.seed, verbose=False)  # as train() does: the result must not depend on the tests before
     dm, backbone, module = build(cfg)
     trainer, _, _ = build_trainer(cfg, __import__("pathlib").Path(cfg.paths.output_dir))
     rec = Recorder()
