@@ -11,12 +11,13 @@ For every backbone x strategy cell, the same model trains on the same data two w
   the gradients, normalize, forward, cross-entropy, backward, AdamW step (fused on CUDA), no logging.
 
 Same precision (bf16 autocast on CUDA, fp32 on CPU), batch size, optimizer, image size and memory format. Speed is
-paired: inside visionft's run, windows of ``STEPS`` of its optimizer steps alternate with windows of ``STEPS`` raw
-steps on a copy of the model (``Interleaved``), after ``WARMUP`` steps of each, the device synchronized at window
-boundaries only; each visionft window is compared with the raw loop's speed over the two raw windows around it
-(this shared machine's speed drifts 10-20% over seconds and ±20% between processes: measured side by side in separate processes or even one
-after the other in one process, ratios read ±0.1). ``ROUNDS`` such processes per cell; the ratio is the median
-pair ratio, reported with its interquartile range. Peak memory: one child per side (CUDA: ``max_memory_allocated``
+paired: inside visionft's run, windows of its optimizer steps alternate with as many raw steps on a copy of the
+model (``Interleaved``; ``WINDOWING``: one step a window on CPU, five on CUDA), after ``WARMUP`` steps of each, the
+device synchronized at window boundaries only; each visionft window is compared with the raw loop's speed over the
+two raw windows around it (this shared machine's speed drifts 10-20% within seconds and ±20% between processes:
+measured side by side in separate processes or even one after the other in one process, ratios read ±0.1; windows
+of five steps still read ±0.05). ``ROUNDS`` such processes per cell; the ratio is the median pair ratio, reported
+with a 95% confidence interval and the interquartile range of the pair ratios. Peak memory: one child per side (CUDA: ``max_memory_allocated``
 after warm-up; CPU: the child's peak resident set). ``linear_probe`` here is its gradient
 head (``strategy.solver=adamw``, the only one with training steps); the default closed-form probe's cost is
 ``--case probe``'s.
@@ -37,8 +38,12 @@ from pathlib import Path
 import torch
 import lightning as L
 
-WARMUP, STEPS, WINDOWS = 3, 5, 5  # steps excluded, steps per timed window, timed visionft windows per process
-ROUNDS = 2  # speed processes per cell, each with WINDOWS visionft windows between WINDOWS + 1 raw ones
+WARMUP = 3  # steps of each side excluded
+# (steps per timed window, timed visionft windows per process): on CPU windows of one step, so that a pair's two sides
+# run within a step of each other (this machine's speed drifts within seconds), many of them; on CUDA, 5 steps, the
+# device synchronized only at window boundaries (a sync per step would idle the GPU on both sides)
+WINDOWING = {"cpu": (1, 25), "cuda": (5, 5)}
+ROUNDS = 2  # speed processes per cell, each with `windows` visionft windows between `windows` + 1 raw ones
 BACKBONES = {  # name: (overrides, image size on CPU, on CUDA); offline, weights other than the default are random
     "efficientnet_lite0": (["backbone=efficientnet_lite0"], 64, 224),
     "resnet50": (["backbone=resnet50", "backbone.pretrained=false"], 64, 224),
@@ -61,7 +66,7 @@ def cell_overrides(backbone: str, strategy: str, device: str, photos: str | None
     """The cell's run: synthetic in-memory images, or (``photos``) an ImageFolder of JPEGs on the resident path."""
     over, cpu_size, cuda_size = BACKBONES[backbone]
     size, bs = cuda_size if device == "cuda" else cpu_size, batch_size(backbone, device)
-    steps = WARMUP + STEPS * WINDOWS
+    steps = WARMUP + _total(device)
     data = ["data=imagefolder", f"data.root={photos}", "data.resident=true", "data.augment.name=crop_flip"] if photos \
         else ["data=synthetic", f"data.train_size={int(bs * (steps + 1) / 0.9) + 1}", "data.test_size=16",
               f"+data.native_size={size}"]  # generated at the training size, as the raw loop's batch is
@@ -71,6 +76,11 @@ def cell_overrides(backbone: str, strategy: str, device: str, photos: str | None
             f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
             "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
+
+
+def _total(device: str) -> int:
+    steps, windows = WINDOWING[device]
+    return steps * windows
 
 
 def _sync(device: str) -> float:
@@ -138,7 +148,7 @@ def raw_loop_for(module, device: str, batch, photos_dm=None, copy_model: bool = 
 
 
 class Interleaved(L.Callback):
-    """Speed, paired: inside visionft's own training run, its windows of ``STEPS`` steps alternate with the raw
+    """Speed, paired: inside visionft's own training run, its windows of steps alternate with the raw
     loop's (raw, visionft, raw, ..., visionft, raw) on a copy of the same model, after ``WARMUP`` steps of each.
     Every visionft window is compared with the raw loop over the two raw windows around it, so a shared machine's speed,
     which drifts by 10-20% over seconds, moves both sides of a pair alike. The device is synchronized only at window
@@ -146,6 +156,7 @@ class Interleaved(L.Callback):
 
     def __init__(self, out: str, device: str, photos: bool = False) -> None:
         self.out, self.device, self.photos = out, device, photos
+        self.steps, self.windows = WINDOWING[device]
         self.raw, self.raw_spans, self.vf_spans, self._open, self.seen = None, [], [], None, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -154,24 +165,25 @@ class Interleaved(L.Callback):
             self.raw.window(WARMUP)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # every boundary at a batch end: each visionft window holds STEPS whole loop iterations (fetch, hooks, step)
+        # every boundary at a batch end: each visionft window holds whole loop iterations (fetch, hooks, step)
         if not self.photos:  # the raw window replays the batches visionft just trained on (same images, same order)
-            self.seen = [*self.seen[-(STEPS - 1):], batch]
+            self.seen = [*self.seen, batch][-self.steps:]
         self._boundary(batch_idx + 1)
         if batch_idx == trainer.num_training_batches - 1:
-            if len(self.vf_spans) < WINDOWS:
-                raise RuntimeError(f"only {len(self.vf_spans)} of {WINDOWS} windows were timed ({batch_idx + 1} "
-                                   f"steps; {WARMUP + STEPS * WINDOWS} needed)")
-            Path(self.out).write_text(json.dumps({"raw_spans": self.raw_spans, "visionft_spans": self.vf_spans}))
+            if len(self.vf_spans) < self.windows:
+                raise RuntimeError(f"only {len(self.vf_spans)} of {self.windows} windows were timed ({batch_idx + 1} "
+                                   f"steps; {WARMUP + self.steps * self.windows} needed)")
+            Path(self.out).write_text(json.dumps({"raw_spans": self.raw_spans, "visionft_spans": self.vf_spans,
+                                                  "steps": self.steps}))
 
     def _boundary(self, step: int) -> None:
-        if step < WARMUP or (step - WARMUP) % STEPS or len(self.vf_spans) >= WINDOWS:
+        if step < WARMUP or (step - WARMUP) % self.steps or len(self.vf_spans) >= self.windows:
             return
         now = _sync(self.device)
         if self._open is not None:
             self.vf_spans.append(now - self._open)
-        self.raw_spans.append(self.raw.window(STEPS, self.seen or None))
-        self._open = _sync(self.device) if len(self.vf_spans) < WINDOWS else None
+        self.raw_spans.append(self.raw.window(self.steps, self.seen or None))
+        self._open = _sync(self.device) if len(self.vf_spans) < self.windows else None
 
 
 class PeakMemory(L.Callback):
@@ -228,7 +240,7 @@ def run_raw(overrides: list[str], out: Path, device: str, batch: int, photos: bo
     raw.window(WARMUP)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    raw.window(STEPS * WINDOWS)
+    raw.window(_total(device))
     (out / "result.json").write_text(json.dumps({"peak_mem_mib": _peak_mib(device)}))
 
 
@@ -298,20 +310,24 @@ def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | 
 def paired_speeds(speed: list[dict], batch: int) -> dict:
     """Images/s per side (medians over windows) and the ratio: the median over every visionft window of its speed
     against the raw loop's over the two raw windows around it (their summed steps over their summed time), with the
-    middle half of those pair ratios (its spread). The ratio is not the quotient of the two medians."""
+    middle half of those pair ratios (their spread) and a distribution-free 95% confidence interval of their median
+    (order statistics n/2 -/+ 0.98 sqrt(n)). The ratio is not the quotient of the two medians."""
     raw, vf, pairs = [], [], []
     for r in speed:
-        raw += [STEPS * batch / s for s in r["raw_spans"]]
-        vf += [STEPS * batch / s for s in r["visionft_spans"]]
+        raw += [r["steps"] * batch / s for s in r["raw_spans"]]
+        vf += [r["steps"] * batch / s for s in r["visionft_spans"]]
         pairs += [(a + b) / 2 / v for a, b, v in zip(r["raw_spans"], r["raw_spans"][1:], r["visionft_spans"])]
     q1, _, q3 = statistics.quantiles(pairs, n=4)
+    ranked, half = sorted(pairs), 0.98 * len(pairs) ** 0.5
+    lo, hi = ranked[max(int(len(pairs) / 2 - half), 0)], ranked[min(int(len(pairs) / 2 + half + 1), len(pairs) - 1)]
     return {"raw_images_per_s": round(statistics.median(raw), 1), "visionft_images_per_s": round(statistics.median(vf), 1),
             "ratio": round(statistics.median(pairs), 3), "ratio_iqr": f"{q1:.3f}-{q3:.3f}",
+            "ratio_ci95": f"{lo:.3f}-{hi:.3f}", "pairs": len(pairs),
             "raw_windows": [round(w, 1) for w in raw], "visionft_windows": [round(w, 1) for w in vf]}
 
 
 COLUMNS = ["backbone", "strategy", "data", "image_size", "batch", "raw_images_per_s", "visionft_images_per_s", "ratio",
-           "ratio_iqr", "raw_peak_mib", "visionft_peak_mib", "mem_ratio"]
+           "ratio_ci95", "ratio_iqr", "raw_peak_mib", "visionft_peak_mib", "mem_ratio"]
 
 
 if __name__ == "__main__":  # a child: python bench_overhead.py SIDE BACKBONE STRATEGY DEVICE OUT [overrides]

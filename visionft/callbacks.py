@@ -78,15 +78,16 @@ class TrainThroughput(L.Callback):
 
 class NanGuard(L.Callback):
     """Stops a diverging run before its weights are saved: a non-finite training loss, or an epoch whose mean loss
-    exceeds ``factor`` x the first epoch's. Tracked on device every batch (no host sync), checked once per epoch
-    before validation and before the epoch's checkpoints, so the last checkpoint on disk is a good one."""
+    exceeds ``factor`` x the first epoch's. Each batch's loss is kept as it is (no tensor work, no host sync per step)
+    and checked once per epoch before validation and before the epoch's checkpoints, so the last checkpoint on disk is
+    a good one."""
 
     def __init__(self, factor: float = 100.0) -> None:
         self.factor, self.reference = factor, None
         self._reset()
 
     def _reset(self) -> None:
-        self._sum, self._n, self._first_bad = None, 0, None
+        self._losses, self._steps = [], []  # this epoch's detached losses and their global steps: no work per step
 
     def state_dict(self) -> dict:
         return {"reference": self.reference}
@@ -99,16 +100,9 @@ class NanGuard(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
-        loss = loss.detach().float()
-        if self._sum is None:
-            self._sum = torch.zeros((), device=loss.device)
-            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
-        self._sum += torch.nan_to_num(loss, nan=float("inf"))
-        self._n += 1
-        bad = ~torch.isfinite(loss) & (self._first_bad < 0)
-        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, trainer.global_step), self._first_bad)
+        if loss is not None:
+            self._losses.append(loss.detach())
+            self._steps.append(trainer.global_step)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit":  # validation inside fit (mid-epoch too): checkpoints follow it
@@ -118,9 +112,12 @@ class NanGuard(L.Callback):
         self._check(trainer)
 
     def _check(self, trainer) -> None:
-        if self._sum is None:
+        if not self._losses:
             return
-        first_bad, mean = int(self._first_bad), float(self._sum) / self._n
+        losses = torch.stack(self._losses).float()
+        bad = (~torch.isfinite(losses)).nonzero()
+        first_bad = self._steps[int(bad[0])] if len(bad) else -1
+        mean = float(torch.nan_to_num(losses, nan=float("inf")).mean())
         if first_bad < 0 and math.isfinite(mean) and trainer.current_epoch == 0 and self.reference is None:
             self.reference = mean
         exploded = self.reference is not None and mean > self.factor * self.reference

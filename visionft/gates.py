@@ -129,7 +129,8 @@ class GroupGates(L.Callback):
                                + group_table(module.param_group_rows()))
         else:  # cheap: modes only (validation and .train() calls in between must not leave BatchNorm training)
             for m, trains in self._bn_modes:
-                m.training = trains
+                if m.training is not trains:  # nn.Module.__setattr__ is slow: set only what changed
+                    m.training = trains
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         module.gates.drop_closed_grads(optimizer, module.epoch_now())
