@@ -96,13 +96,18 @@ class Poison(__import__("lightning").Callback):
                 w.fill_(float("nan")) if self.how == "poison" else w.mul_(1e6).add_(1e3)
 
 
-@pytest.mark.parametrize("how, why, extra", [
-    ("poison", "loss not finite from step 11", []), ("explode", "x the first epoch's", []),
-    ("poison", "loss not finite from step 11", ["+trainer.val_check_interval=0.5"]),  # checkpoints mid-epoch too
+@pytest.mark.parametrize("how, why, extra, fold", [
+    ("poison", "loss not finite from step 11", [], None), ("explode", "x the first epoch's", [], None),
+    ("poison", "loss not finite from step 11", ["+trainer.val_check_interval=0.5"], None),  # checkpoints mid-epoch too
+    ("poison", "loss not finite from step 11", [], 1), ("explode", "x the first epoch's", [], 2),  # losses folded early
 ])
-def test_divergence_stops_naming_step_lr_precision_and_keeps_the_good_checkpoint(tiny_cfg, tmp_path, how, why, extra):
-    from visionft.callbacks import NonFiniteLoss
+def test_divergence_stops_naming_step_lr_precision_and_keeps_the_good_checkpoint(tiny_cfg, tmp_path, monkeypatch, how,
+                                                                                 why, extra, fold):
+    from visionft.callbacks import NanGuard, NonFiniteLoss
     from visionft.train import train
+
+    if fold:
+        monkeypatch.setattr(NanGuard, "FOLD", fold)
 
     cfg = tiny_cfg("trainer.max_epochs=4", f"+callbacks.poison._target_={__name__}.Poison",
                    f"+callbacks.poison.how={how}", *extra, output_dir=tmp_path / "run")

@@ -237,3 +237,43 @@ def test_a_failure_after_fit_keeps_metrics_json(tiny_cfg, tmp_path, monkeypatch)
 def test_optimizer_lr_is_refused_in_favour_of_strategy_lr(tiny_cfg):
     with pytest.raises(ValueError, match="strategy.lr"):
         train(tiny_cfg("+optimizer.lr=0.1"))
+
+
+import lightning as L  # noqa: E402
+
+
+class GradsAtForward(L.Callback):
+    """Records, for every training forward, its batch index and whether the model held gradients then."""
+
+    seen: list = []
+
+    def on_fit_start(self, trainer, module) -> None:
+        GradsAtForward.seen = []
+        module.model.register_forward_pre_hook(lambda m, args: GradsAtForward.seen.append(
+            (self.batch_idx, any(p.grad is not None for p in m.parameters()))) if m.training else None)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.batch_idx = batch_idx
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_before_the_forward_and_the_weights_are_lightnings(tiny_cfg, tmp_path, monkeypatch,
+                                                                              accumulate):
+    """visionft frees the gradients before each forward (PyTorch's order), not between the forward and the backward as
+    Lightning's loop does; the weights must be exactly those of Lightning's own order, across an epoch boundary and
+    with gradient accumulation (9 batches an epoch: the last one steps alone)."""
+    from visionft.module import TransferModule
+
+    def run(name):
+        train(tiny_cfg("trainer.max_epochs=2", f"trainer.accumulate_grad_batches={accumulate}",
+                       f"+callbacks.grads._target_={__name__}.GradsAtForward", output_dir=tmp_path / name))
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        return ckpt["state_dict"], list(GradsAtForward.seen)
+
+    ours, seen = run("visionft")
+    assert len(seen) == 18 and all(has == (i % accumulate != 0) for i, has in seen), seen
+    monkeypatch.setattr(TransferModule, "on_train_batch_start", L.LightningModule.on_train_batch_start)
+    monkeypatch.setattr(TransferModule, "optimizer_zero_grad", L.LightningModule.optimizer_zero_grad)
+    lightnings, seen = run("lightning")
+    assert any(has for i, has in seen if i % accumulate == 0 and i > 0)  # Lightning's order: they were still there
+    assert ours.keys() == lightnings.keys() and all(torch.equal(ours[k], lightnings[k]) for k in ours)

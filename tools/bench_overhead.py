@@ -16,8 +16,8 @@ model (``Interleaved``; ``WINDOWING``: one step a window on CPU, five on CUDA), 
 device synchronized at window boundaries only; each visionft window is compared with the raw loop's speed over the
 two raw windows around it (this shared machine's speed drifts 10-20% within seconds and ±20% between processes:
 measured side by side in separate processes or even one after the other in one process, ratios read ±0.1; windows
-of five steps still read ±0.05). ``ROUNDS`` such processes per cell; the ratio is the median pair ratio, reported
-with a 95% confidence interval and the interquartile range of the pair ratios. Peak memory: one child per side (CUDA: ``max_memory_allocated``
+of five steps still read ±0.05). ``ROUNDS`` such processes per cell; the ratio is the throughput over the paired
+windows (summed times), with a 95% bootstrap interval, and the median pair ratio (a typical step) beside it. Peak memory: one child per side (CUDA: ``max_memory_allocated``
 after warm-up; CPU: the child's peak resident set). ``linear_probe`` here is its gradient
 head (``strategy.solver=adamw``, the only one with training steps); the default closed-form probe's cost is
 ``--case probe``'s.
@@ -308,26 +308,34 @@ def overhead_rows(work: Path, device: str, extra: list[str], cells: list[str] | 
 
 
 def paired_speeds(speed: list[dict], batch: int) -> dict:
-    """Images/s per side (medians over windows) and the ratio: the median over every visionft window of its speed
-    against the raw loop's over the two raw windows around it (their summed steps over their summed time), with the
-    middle half of those pair ratios (their spread) and a distribution-free 95% confidence interval of their median
-    (order statistics n/2 -/+ 0.98 sqrt(n)). The ratio is not the quotient of the two medians."""
-    raw, vf, pairs = [], [], []
+    """Images/s per side (medians over windows) and their ratio over the paired windows: each visionft window against
+    the raw loop over the two raw windows around it. ``ratio``: throughput, the raw loop's summed time over visionft's
+    (every step counts, the ones that log too), with a 95% bootstrap interval over the pairs (treating them as
+    independent; they come from ``ROUNDS`` processes, so read it as the measurement's precision within this run);
+    ``step_ratio``: the median pair ratio (a typical step) and the middle half of the pair ratios."""
+    import random
+
+    raw, vf, pairs = [], [], []  # pairs: (raw seconds over the windows around, visionft seconds)
     for r in speed:
         raw += [r["steps"] * batch / s for s in r["raw_spans"]]
         vf += [r["steps"] * batch / s for s in r["visionft_spans"]]
-        pairs += [(a + b) / 2 / v for a, b, v in zip(r["raw_spans"], r["raw_spans"][1:], r["visionft_spans"])]
-    q1, _, q3 = statistics.quantiles(pairs, n=4)
-    ranked, half = sorted(pairs), 0.98 * len(pairs) ** 0.5
-    lo, hi = ranked[max(int(len(pairs) / 2 - half), 0)], ranked[min(int(len(pairs) / 2 + half + 1), len(pairs) - 1)]
+        pairs += [((a + b) / 2, v) for a, b, v in zip(r["raw_spans"], r["raw_spans"][1:], r["visionft_spans"])]
+    ratios = [a / v for a, v in pairs]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    rng = random.Random(0)
+
+    def throughput(sample):
+        return sum(a for a, _ in sample) / sum(v for _, v in sample)
+
+    boot = sorted(throughput(rng.choices(pairs, k=len(pairs))) for _ in range(2000))
     return {"raw_images_per_s": round(statistics.median(raw), 1), "visionft_images_per_s": round(statistics.median(vf), 1),
-            "ratio": round(statistics.median(pairs), 3), "ratio_iqr": f"{q1:.3f}-{q3:.3f}",
-            "ratio_ci95": f"{lo:.3f}-{hi:.3f}", "pairs": len(pairs),
-            "raw_windows": [round(w, 1) for w in raw], "visionft_windows": [round(w, 1) for w in vf]}
+            "ratio": round(throughput(pairs), 3), "ratio_ci95": f"{boot[50]:.3f}-{boot[1949]:.3f}",
+            "step_ratio": round(statistics.median(ratios), 3), "step_ratio_iqr": f"{q1:.3f}-{q3:.3f}",
+            "pairs": len(pairs), "raw_windows": [round(w, 1) for w in raw], "visionft_windows": [round(w, 1) for w in vf]}
 
 
 COLUMNS = ["backbone", "strategy", "data", "image_size", "batch", "raw_images_per_s", "visionft_images_per_s", "ratio",
-           "ratio_ci95", "ratio_iqr", "raw_peak_mib", "visionft_peak_mib", "mem_ratio"]
+           "ratio_ci95", "step_ratio", "raw_peak_mib", "visionft_peak_mib", "mem_ratio"]
 
 
 if __name__ == "__main__":  # a child: python bench_overhead.py SIDE BACKBONE STRATEGY DEVICE OUT [overrides]

@@ -78,16 +78,33 @@ class TrainThroughput(L.Callback):
 
 class NanGuard(L.Callback):
     """Stops a diverging run before its weights are saved: a non-finite training loss, or an epoch whose mean loss
-    exceeds ``factor`` x the first epoch's. Each batch's loss is kept as it is (no tensor work, no host sync per step)
-    and checked once per epoch before validation and before the epoch's checkpoints, so the last checkpoint on disk is
-    a good one."""
+    exceeds ``factor`` x the first epoch's. Each batch's loss is kept as it is (no tensor work, no host sync per step),
+    folded into a device-side sum every ``FOLD`` steps, and checked once per epoch before validation and before the
+    epoch's checkpoints, so the last checkpoint on disk is a good one."""
 
     def __init__(self, factor: float = 100.0) -> None:
         self.factor, self.reference = factor, None
         self._reset()
 
+    FOLD = 256  # losses kept before they are folded into the epoch's running sum (bounded memory, no host sync)
+
     def _reset(self) -> None:
-        self._losses, self._steps = [], []  # this epoch's detached losses and their global steps: no work per step
+        self._losses, self._steps = [], []  # the latest detached losses and their global steps: no work per step
+        self._sum, self._n, self._first_bad = None, 0, None  # the folded ones: device tensors, read at checks only
+
+    def _fold(self) -> None:
+        losses = torch.stack(self._losses).float()
+        bad = ~torch.isfinite(losses)
+        steps = torch.tensor(self._steps, device=losses.device)
+        first = torch.where(bad.any(), steps[bad.int().argmax()], -1)
+        total = torch.nan_to_num(losses, nan=float("inf")).sum()
+        if self._sum is None:
+            self._sum, self._first_bad = total, first
+        else:
+            self._sum = self._sum + total
+            self._first_bad = torch.where(self._first_bad >= 0, self._first_bad, first)
+        self._n += len(self._losses)
+        self._losses, self._steps = [], []
 
     def state_dict(self) -> dict:
         return {"reference": self.reference}
@@ -103,6 +120,8 @@ class NanGuard(L.Callback):
         if loss is not None:
             self._losses.append(loss.detach())
             self._steps.append(trainer.global_step)
+            if len(self._losses) >= self.FOLD:
+                self._fold()
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit":  # validation inside fit (mid-epoch too): checkpoints follow it
@@ -112,12 +131,11 @@ class NanGuard(L.Callback):
         self._check(trainer)
 
     def _check(self, trainer) -> None:
-        if not self._losses:
+        if self._losses:
+            self._fold()
+        if not self._n:
             return
-        losses = torch.stack(self._losses).float()
-        bad = (~torch.isfinite(losses)).nonzero()
-        first_bad = self._steps[int(bad[0])] if len(bad) else -1
-        mean = float(torch.nan_to_num(losses, nan=float("inf")).mean())
+        first_bad, mean = int(self._first_bad), float(self._sum) / self._n
         if first_bad < 0 and math.isfinite(mean) and trainer.current_epoch == 0 and self.reference is None:
             self.reference = mean
         exploded = self.reference is not None and mean > self.factor * self.reference
