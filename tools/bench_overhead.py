@@ -172,7 +172,7 @@ class Interleaved(L.Callback):
         if batch_idx == trainer.num_training_batches - 1:
             if len(self.vf_spans) < self.windows:
                 raise RuntimeError(f"only {len(self.vf_spans)} of {self.windows} windows were timed ({batch_idx + 1} "
-                                   f"steps; {WARMUP + self.steps * self.windows} needed)")
+                                   f"steps; {WARMUP + _total(self.device)} needed)")
             Path(self.out).write_text(json.dumps({"raw_spans": self.raw_spans, "visionft_spans": self.vf_spans,
                                                   "steps": self.steps}))
 
