@@ -1,6 +1,7 @@
 """The shared datamodule: splits, seeded few-shot subsets, albumentations transforms, loaders."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.transforms import eval_transform, to_chw_uint8, train_transform
 from visionft.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,14 +53,29 @@ class _TransformDataset(Dataset):
         return to_chw_uint8(image), int(self.split.labels[i])
 
 
-def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Seeded, stratified (rest, held_out) split of ``fraction`` of the images."""
-    index = np.arange(len(split))
-    n_classes, n_held = len(np.unique(split.labels)), int(np.ceil(fraction * len(split)))
-    # stratify when every class can appear on both sides; tiny splits fall back to a plain seeded split
-    stratify = split.labels if np.bincount(split.labels).min() >= 2 and n_held >= n_classes else None
-    rest, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
-    return split.subset(np.sort(rest)), split.subset(np.sort(held))
+def stratified_split(split: Split, fraction: float, seed: int, held: str = "held-out",
+                     classes: Sequence[str] | None = None) -> tuple[Split, Split]:
+    """Seeded, stratified (rest, held_out) split of ``fraction`` of the images. A class with a single image cannot
+    be split: it stays whole in ``rest`` (warned); every class keeps at least one image in ``rest``."""
+    counts = np.bincount(split.labels)
+    lone = np.flatnonzero(counts == 1)
+    if len(lone):
+        names = ", ".join(repr(classes[c]) if classes else str(c) for c in lone)
+        log.warning("class(es) %s have a single image: too few to split off a %s image, so it stays in training",
+                    names, held)
+    whole = np.isin(split.labels, lone)
+    index = np.flatnonzero(~whole)
+    if not len(index):
+        return split, split.subset(index)
+    labels = split.labels[index]
+    n_classes, n_held = len(np.unique(labels)), int(np.ceil(fraction * len(index)))
+    # stratify when every class fits on both sides; tiny splits fall back to a plain seeded split
+    stratify = labels if n_classes <= n_held <= len(index) - n_classes else None
+    rest, out = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    for c in np.setdiff1d(labels, split.labels[rest]):  # no class may lose all its training images
+        first = out[np.flatnonzero(split.labels[out] == c)[0]]
+        rest, out = np.append(rest, first), out[out != first]
+    return split.subset(np.sort(np.concatenate([rest, np.flatnonzero(whole)]))), split.subset(np.sort(out))
 
 
 def per_class_subset(split: Split, per_class: int, seed: int) -> Split:
@@ -144,9 +162,9 @@ class ClassificationDataModule(L.LightningDataModule):
             return
         train, val, test, self.classes = self.load_splits()
         if test is None:
-            train, test = stratified_split(train, self.test_fraction, self.seed)
+            train, test = stratified_split(train, self.test_fraction, self.seed, "test", self.classes)
         if val is None:
-            train, val = stratified_split(train, self.val_fraction, self.seed + 1)
+            train, val = stratified_split(train, self.val_fraction, self.seed + 1, "validation", self.classes)
         if self.per_class:
             train = per_class_subset(train, int(self.per_class), self.seed)
         self.splits = {"train": train, "val": val, "test": test}

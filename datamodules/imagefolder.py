@@ -1,4 +1,5 @@
-"""A folder of images: ``root/{train,val,test}/<class>/*`` or one ``root/<class>/*`` split by seeded fractions.
+"""A folder of images: ``root/{train,val,test}/<class>/*`` or one ``root/<class>/*`` split by seeded fractions
+(``datamodules.folders`` reads the tree: split and class folders, symlinks, each file once).
 
 Every file is checked before training (``datamodules.images.check_files``: parallel, cached): with
 ``on_bad_image=skip`` (default) unusable files are left out and listed with their reason in ``rejected`` (a run
@@ -8,11 +9,11 @@ ignored with a warning."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
+from datamodules import folders
 from datamodules.base import ClassificationDataModule, Split
 from datamodules.images import check_files, image_extensions, read_rgb  # noqa: F401  (read_rgb: the one reader)
 from visionft.errors import UsageError
@@ -27,15 +28,6 @@ class BadImages(UsageError):
         self.rejected = rejected
 
 
-def _visible_files(folder: Path, extensions: set[str]) -> list[str]:
-    out = []
-    for here, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [os.path.join(here, f) for f in sorted(files)
-                if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
-    return out
-
-
 class ImageFolderDataModule(ClassificationDataModule):
     def __init__(self, root: str | None = None, on_bad_image: str = "skip", cache_dir: str | None = None,
                  **kwargs) -> None:
@@ -45,11 +37,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.root, self.on_bad_image, self.cache_dir = root, on_bad_image, cache_dir
         self.rejected: dict[str, str] = {}
 
-    def _scan(self, folder: Path, classes: list[str] | None = None) -> tuple[dict[str, list[str]], list[str]]:
-        """class -> image files under ``folder/<class>/`` (hidden entries ignored)."""
-        names = classes or sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    def _scan(self, folder: Path, classes: list[str]) -> dict[str, list[str]]:
+        """class -> image files under ``folder/<class>/``."""
         ext = image_extensions()
-        return {c: _visible_files(folder / c, ext) if (folder / c).is_dir() else [] for c in names}, names
+        return {c: folders.walk_images(folder / c, ext) if (folder / c).is_dir() else [] for c in classes}
 
     def load_splits(self):
         if not self.root:
@@ -57,12 +48,19 @@ class ImageFolderDataModule(ClassificationDataModule):
         root = Path(self.root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"data.root={str(root)!r} does not exist: point data.root at an image folder")
-        layout = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()} if (root / "train").is_dir() \
-            else {"train": root}
-        found, classes = self._scan(layout["train"])
-        scans = {"train": found, **{s: self._scan(f, classes)[0] for s, f in layout.items() if s != "train"}}
+        layout = folders.find_splits(root)
+        classes = folders.class_folders(layout["train"])
+        for s, folder in layout.items():
+            if s != "train":
+                folders.unknown_classes(folder, classes, image_extensions())
+        scans = folders.count_once({s: self._scan(f, classes) for s, f in layout.items()}, root)
         self._check(scans)
         kept = [c for c in classes if scans["train"][c]]
+        orphans = {s: [c for c in classes if c not in kept and files[c]] for s, files in scans.items() if s != "train"}
+        if any(orphans.values()):
+            named = "; ".join(f"{layout[s].name}/: {', '.join(map(repr, cs))}" for s, cs in orphans.items() if cs)
+            raise UsageError(f"class folder(s) with images to evaluate but no usable training image ({named}): "
+                             f"add training images to train/<class>/, or remove the class from every split")
         for c in sorted(set(classes) - set(kept)):
             log.warning("class folder %r has no usable image: ignored", c)
         if not kept:

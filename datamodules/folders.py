@@ -1,0 +1,113 @@
+"""Reading a class-folder tree exactly: which folder is which split, which folder is which class, and which files
+are images — each file counted once, by its real path.
+
+- Splits: ``train/`` with ``val/`` (or Roboflow's ``valid/``, HF's ``validation/``) and ``test/``; a root without
+  ``train/`` is one flat split.
+- Classes: the training split's visible folders. Folder names that differ only in case (``Cat`` and ``cat``) are an
+  error in any split; a class folder in ``val/`` or ``test/`` that training lacks is an error, never dropped.
+- Files: symlinked folders are followed, except a link back to a folder above it (a cycle) or to a folder already
+  walked; a file reached by several paths (links) is counted once, where it really lies, or else at its first path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from visionft.errors import UsageError
+
+log = logging.getLogger(__name__)
+SPLIT_FOLDERS = {"val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+def find_splits(root: Path) -> dict[str, Path]:
+    """split -> folder: ``train/`` and the val/test folders beside it, or ``{"train": root}`` for a flat folder."""
+    if not (root / "train").is_dir():
+        return {"train": root}
+    layout = {"train": root / "train"}
+    for split, names in SPLIT_FOLDERS.items():
+        found = [n for n in names if (root / n).is_dir()]
+        if len(found) > 1:
+            raise UsageError(f"{root} has {' and '.join(f'{n}/' for n in found)}: both would be the {split} split; "
+                             f"keep one of them (rename or move the other)")
+        if found:
+            layout[split] = root / found[0]
+            if found[0] != split:
+                log.info("%s/ is the %s split", found[0], split)
+    return layout
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The visible sub-folders of ``folder``, sorted; names that differ only in case are an error."""
+    names = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    by_case: dict[str, list[str]] = {}
+    for n in names:
+        by_case.setdefault(n.casefold(), []).append(n)
+    clashes = [group for group in by_case.values() if len(group) > 1]
+    if clashes:
+        pairs = "; ".join(" and ".join(repr(n) for n in group) for group in clashes)
+        raise UsageError(f"class folders under {folder} differ only in case ({pairs}): they would be separate classes; "
+                         f"merge them into one folder or rename one")
+    return names
+
+
+def _is_cycle(target: str, here: str) -> bool:
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def walk_images(folder: Path, extensions: set[str]) -> list[str]:
+    """Visible image files under ``folder`` (sorted walk). Linked folders are followed once; a link to the folder
+    itself or one above it (a cycle) is never followed, and logged."""
+    out, walked = [], {os.path.realpath(folder)}
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real, keep = os.path.realpath(here), []
+        for d in sorted(dirs):
+            if d.startswith("."):
+                continue
+            target = os.path.realpath(os.path.join(here, d))
+            if _is_cycle(target, real):
+                log.warning("symlink loop not followed: %s -> %s", os.path.join(here, d), target)
+            elif target not in walked:
+                walked.add(target)
+                keep.append(d)
+        dirs[:] = keep
+        out += [os.path.join(here, f) for f in sorted(files)
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
+    return out
+
+
+def unknown_classes(folder: Path, classes: list[str], extensions: set[str]) -> None:
+    """Error when ``folder`` (a val or test split) has class folders holding images that training lacks."""
+    known = {c.casefold(): c for c in classes}
+    extra = [n for n in class_folders(folder) if n not in classes and walk_images(folder / n, extensions)]
+    if not extra:
+        return
+    named = ", ".join(f"{n!r} (train has {known[n.casefold()]!r}: the names differ only in case)"
+                      if n.casefold() in known else repr(n) for n in extra)
+    shown = ", ".join(classes[:20]) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
+    raise UsageError(f"{folder.name}/ has class folder(s) that train/ lacks: {named}; the training classes are: "
+                     f"{shown}. Rename each to its training class, or remove it")
+
+
+def count_once(scans: dict[str, dict[str, list[str]]], root: Path) -> dict[str, dict[str, list[str]]]:
+    """Each real file once: where it really lies under ``root`` when one of its paths is that place, else at its
+    first path (splits in train, val, test order; classes and files sorted). Duplicates are logged."""
+    real_root = os.path.realpath(root)
+    seen: list[tuple[str, str, str, str]] = [(s, c, p, os.path.realpath(p))
+                                             for s, files in scans.items() for c, ps in files.items() for p in ps]
+    owner: dict[str, tuple[str, str, str]] = {}
+    for s, c, p, r in seen:
+        if r == os.path.join(real_root, os.path.relpath(p, root)):  # the file's own place, no link on its path
+            owner.setdefault(r, (s, c, p))
+    for s, c, p, r in seen:
+        owner.setdefault(r, (s, c, p))
+    kept: dict[str, dict[str, list[str]]] = {s: {c: [] for c in files} for s, files in scans.items()}
+    for s, c, p, r in seen:
+        if owner[r] == (s, c, p):
+            kept[s][c].append(p)
+    dropped = [(p, owner[r][2]) for s, c, p, r in seen if owner[r][2] != p]
+    if dropped:
+        example = "; ".join(f"{p} is {q}" for p, q in dropped[:3])
+        log.warning("%d image path(s) reach a file already counted through symlinks: each file is counted once, "
+                    "where it lies (%s%s)", len(dropped), example, "; ..." if len(dropped) > 3 else "")
+    return kept
