@@ -53,7 +53,7 @@ TABLE = {
                  "frozen", 1.0),
 }
 ADAPTED = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save")  # what trains under peft
-HEAD = ("fc.", "head.")  # test_resnet, test_vit classifiers
+HEAD = ("fc.", "head.weight", "head.bias", "head.fc.")  # classifiers: test_resnet, test_vit(4), test_convnext
 
 
 def _norm_weights(model):
@@ -80,6 +80,13 @@ ONLY = {"vpt": "vit", "vpt_deep": "vit", "lora_nf4": "vit"}  # ViT-family strate
 # zero_init_last=False: timm zero-initializes each residual block's last BN gamma, which at random init would stop
 # every gradient inside the block (adapters there could never be seen to train)
 MODELS = {"resnet": ("test_resnet", RESNET, ["+backbone.kwargs.zero_init_last=false"]), "vit": ("test_vit", VIT, ["data.image_size=32"])}
+# further backbones for the strategies whose layers they exercise: timm's LayerNorm2d (an nn.LayerNorm over NCHW
+# channels) in test_convnext, RmsNorm (no bias) in test_vit4
+MORE_MODELS = {"convnext": ("test_convnext", RESNET, ["data.image_size=32"]),
+               "vit_rmsnorm": ("test_vit4", ["stem", *[f"block{i}" for i in range(1, 10)], "head"], ["data.image_size=32"])}
+MORE_CASES = {"convnext": ["ssf"], "vit_rmsnorm": ["ssf"]}
+PAIRS = [(case, model) for case in TABLE for model in MODELS if ONLY.get(case, model) == model] + \
+        [(case, model) for model, cases in MORE_CASES.items() for case in cases]
 
 
 class Recorder(L.Callback):
@@ -129,13 +136,11 @@ def _run(tiny_cfg, overrides):
     return cfg, backbone, module, rec
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("case", TABLE)
+@pytest.mark.parametrize("case, model", PAIRS, ids=[f"{c}-{m}" for c, m in PAIRS])
 def test_strategy_table(case, model, tiny_cfg):
-    if ONLY.get(case, model) != model:
-        pytest.skip(f"{case} is for {ONLY[case]} backbones (the convnet error: test_bitfit_vpt.py, test_quantize.py)")
+    """(ViT-only strategies are not run on convnets: their error is tested in test_bitfit_vpt.py, test_quantize.py)"""
     overrides, table, bn_policy, decay = TABLE[case]
-    timm_name, group_names, extra = MODELS[model]
+    timm_name, group_names, extra = {**MODELS, **MORE_MODELS}[model]
     cfg, backbone, module, rec = _run(tiny_cfg, [f"backbone.name={timm_name}", *extra, *overrides])
     n = len(group_names)
     assert [g.name for g in backbone.groups] == group_names
