@@ -53,3 +53,60 @@ def test_a_crafted_data_target_is_never_instantiated(ckpt, tmp_path, caplog):
     meta = torch.load(ckpt, map_location="cpu", weights_only=True)["visionft"]
     x, source = held_out_batch(hparams, meta)
     assert "synthetic" in source and "refusing to instantiate" in caplog.text and not pwned.exists()
+
+
+# The CLI with an audit hook that reports every open() of one path (sys.addaudithook: Python's own record).
+_WATCHED = """import sys
+watched = sys.argv.pop(1)
+sys.addaudithook(lambda event, args: event == "open" and str(args[0]) == watched
+                 and print("OPENED", watched, file=sys.__stdout__, flush=True))
+from visionft.__main__ import main
+main()
+"""
+
+
+def _with_model_kwargs(ckpt, tmp_path, kwargs: dict):
+    c = torch.load(ckpt, map_location="cpu", weights_only=True)
+    c["visionft"]["model_kwargs"] = kwargs
+    path = tmp_path / "crafted-kwargs.ckpt"
+    torch.save(c, path)
+    return path
+
+
+def test_export_refuses_a_crafted_checkpoint_path_without_opening_it(ckpt, tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"not for visionft")
+    crafted = _with_model_kwargs(ckpt, tmp_path, {"checkpoint_path": str(secret)})
+    done = subprocess.run([sys.executable, "-c", _WATCHED, str(secret), "export", "--ckpt", str(crafted), "--format",
+                           "torchscript", "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=tmp_path)
+    assert "OPENED" not in done.stdout, done.stdout
+    assert done.returncode == 2, done.stderr[-1500:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing to build the model" in lines[0] and "checkpoint_path=" in lines[0], lines
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kwargs, bad", [({"pretrained_cfg_overlay": {"file": "/etc/hostname"}}, "pretrained_cfg_overlay"),
+                                         ({"drop_rate": 0.0, "cache_dir": "/tmp"}, "cache_dir"),
+                                         ({"pretrained": True}, "pretrained")])
+def test_export_refuses_model_kwargs_that_are_no_architecture_argument(ckpt, tmp_path, capsys, kwargs, bad):
+    from visionft.cli import run
+
+    crafted = _with_model_kwargs(ckpt, tmp_path, kwargs)
+    assert run("export", ["--ckpt", str(crafted), "--format", "torchscript", "--out", str(tmp_path / "x")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "refusing to build the model" in lines[0] and f"{bad}=" in lines[0], lines
+    assert "drop_rate" not in lines[0]  # an architecture argument is not named as a problem
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_model_kwargs_visionft_writes_are_accepted():
+    from visionft.backbones import create_backbone
+    from visionft.export import checked_model_kwargs
+    from visionft.module import checkpoint_meta
+
+    for name, size, kwargs in [("test_vit", 64, {"drop_path_rate": 0.1}), ("test_resnet", 48, {"drop_rate": 0.2}),
+                               ("test_efficientnet", None, {"drop_path_rate": 0.1, "global_pool": "max"})]:
+        meta = checkpoint_meta(create_backbone(name, 3, pretrained=False, image_size=size, kwargs=kwargs), 3, None)
+        assert checked_model_kwargs(meta, "x") == meta["model_kwargs"]
+        assert set(kwargs) <= set(meta["model_kwargs"]) and ("img_size" in meta["model_kwargs"]) == (name == "test_vit")

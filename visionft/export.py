@@ -37,13 +37,56 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
     if "visionft" not in ckpt:
         raise UsageError(f"{ckpt_path} is not a visionft checkpoint (no 'visionft' metadata)")
     meta = ckpt["visionft"]
+    kwargs = checked_model_kwargs(meta, str(ckpt_path))
     backbone = create_backbone(meta["timm_name"], meta["num_classes"], pretrained=False,
-                               kwargs={k: v for k, v in meta["model_kwargs"].items() if k != "img_size"},
-                               image_size=meta["model_kwargs"].get("img_size"))
+                               kwargs={k: v for k, v in kwargs.items() if k != "img_size"},
+                               image_size=kwargs.get("img_size"))
     adapted = instantiate(stored_node(ckpt["hyper_parameters"], "strategy", str(ckpt_path))).prepare(backbone.model,
                                                                                                      backbone)
     adapted.model.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
     return adapted.to_deployable().eval(), meta, ckpt["hyper_parameters"]
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _architecture(name: str, source: str) -> type:
+    """The class timm builds for ``name``, built on the meta device (no memory, no weights; on the CPU for a
+    builder that needs real tensors)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return type(timm.create_model(name, pretrained=False))
+    except Exception as e:  # noqa: BLE001
+        if "Unknown model" in str(e):
+            raise UsageError(f"{source} was trained on timm model {name!r}, which this timm ({timm.__version__}) "
+                             f"does not know: install the timm version that trained it") from None
+    return type(timm.create_model(name, pretrained=False))
+
+
+def checked_model_kwargs(meta: dict, source: str) -> dict:
+    """A checkpoint's ``model_kwargs``, refused in one line unless every key is one visionft writes there: an
+    argument of the architecture's own class (``backbone.kwargs``, the ``img_size`` of a ViT), with a plain value.
+    ``timm.create_model``'s own loading arguments (``checkpoint_path``, ``pretrained_cfg_overlay``, ``cache_dir``,
+    ...) belong to no architecture, so a crafted checkpoint cannot make the model builder open a file."""
+    import inspect
+    import reprlib
+
+    kwargs = meta.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"{source}: its model_kwargs are a {type(kwargs).__name__}, not a mapping of timm "
+                         f"arguments: refusing to build the model from this checkpoint")
+    arch = _architecture(meta["timm_name"], source)
+    allowed = set(inspect.signature(arch.__init__).parameters) - {"self", "num_classes", "device", "dtype"}
+    bad = [f"{k}={reprlib.repr(v)}" for k, v in kwargs.items() if k not in allowed or not _plain(v)]
+    if bad:
+        raise UsageError(f"{source}: its model_kwargs hold {', '.join(bad)}, which visionft never writes there "
+                         f"(only plain arguments of {arch.__name__}): refusing to build the model from this checkpoint")
+    return kwargs
 
 
 def held_out_batch(hparams: dict, meta: dict, n: int = 256) -> tuple[torch.Tensor, str]:
