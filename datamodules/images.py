@@ -8,7 +8,8 @@ than ``MAX_PIXELS`` are reported, never decoded (a decompression bomb cannot exh
 raises ``BadImage`` with the reason.
 
 ``check_files`` reads every file once, in parallel with a progress bar, and remembers each verdict in a cache keyed
-by path, size and modification time, so a second run re-checks only what changed.
+by path, size and modification time, so a second run re-checks only what changed (under ``<cache_dir>/images``,
+within ``paths.cache_max_gb``: ``visionft.cachedir``).
 """
 from __future__ import annotations
 
@@ -97,8 +98,11 @@ def check_files(paths: list[str], cache_dir: str | os.PathLike | None = None, wo
     cached under ``<cache_dir>/images/`` by path, size and modification time."""
     from tqdm.auto import tqdm
 
+    from visionft.cachedir import sweep_temporaries
+
     stamps = {p: _stamp(p) for p in paths}
     cache_file = _cache_file(cache_dir, paths)
+    sweep_temporaries(cache_dir)
     known = _read_cache(cache_file)
     todo = [p for p in paths if known.get(p, [None])[0] != stamps[p]]
     if todo:
@@ -129,19 +133,33 @@ def _cache_file(cache_dir, paths: list[str]) -> Path | None:
 def _read_cache(path: Path | None) -> dict:
     if path is None or not path.is_file():
         return {}
+    from visionft import cachedir
+
     try:
-        return dict(json.loads(path.read_text()))
+        known = dict(json.loads(path.read_text()))
     except (OSError, ValueError):
         return {}  # a damaged cache only costs a re-check
+    cachedir.touch(path)
+    return known
 
 
 def _write_cache(path: Path | None, verdicts: dict) -> None:
+    from visionft import cachedir
+
     if path is None:
+        return
+    root, tmp = path.parent.parent, cachedir.tmp_path(path)
+    if not cachedir.writable(root):
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(verdicts))
         os.replace(tmp, path)
-    except OSError as e:
-        log.warning("cannot write the image-check cache %s (%s)", path, e)
+    except OSError as e:  # read-only, full: the run goes on without the cache (reported once)
+        cachedir.cannot_write(root, path, e)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return
+    cachedir.evict(root, keep=(path,))

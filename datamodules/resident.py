@@ -11,8 +11,9 @@ processes and no per-sample Python.
 - Val/test: the eval transform applied once per image (the per-sample path's own pipeline), then batches are
   slices.
 
-Decoded image files are cached on disk under ``<cache_dir>/images`` (the feature cache's format: key, checksum,
-atomic writes), keyed by the split's files, the geometry and the library versions that resize.
+Decoded image files are cached on disk under ``<cache_dir>/images`` (``visionft.featurecache.FeatureCache``: key,
+checksum, atomic writes; size cap and eviction: ``visionft.cachedir``), keyed by the split's files, the geometry and
+the library versions that decode and resize.
 """
 from __future__ import annotations
 
@@ -154,19 +155,21 @@ def train_canvas(images, size: int, interpolation: str, budget_mb: float) -> tup
 def _key(dm, split, role: str) -> dict:
     import albumentations
     import cv2
+    import PIL
 
     from visionft.features import split_hash
 
     return {"resident": 2, "data": split_hash(split.images, split.labels), "size": dm.image_size,
             "interpolation": dm.interpolation, "role": role, "albumentations": albumentations.__version__,
-            "cv2": cv2.__version__}
+            "cv2": cv2.__version__, "pillow": PIL.__version__}
 
 
 def build(dm, device: torch.device, cache_root=None) -> dict[str, tuple]:
     """Every split decoded once (image files: through the disk cache) and moved to ``device``: split -> (images,
     labels, sizes or None)."""
     from datamodules.transforms import eval_transform
-    from visionft.features import FeatureCache, Features
+    from visionft.featurecache import FeatureCache
+    from visionft.features import Features
 
     cache = FeatureCache(cache_root, kind="images")
     crop = float(dm.eval_crop_pct or 1.0)

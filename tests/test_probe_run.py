@@ -32,7 +32,7 @@ def _plain_eval(run_dir: Path, cfg, split: str = "test") -> tuple[float, float]:
 
 
 def _cache_files(cache: Path) -> list[Path]:
-    return sorted((cache / "features").glob("*.safetensors"))
+    return sorted((cache / "features").rglob("*.safetensors"))
 
 
 def test_probe_run_is_a_normal_checkpoint_whose_metrics_match_a_plain_loop(tiny_cfg, tmp_path):
@@ -47,11 +47,18 @@ def test_probe_run_is_a_normal_checkpoint_whose_metrics_match_a_plain_loop(tiny_
     assert m["trainable_params"] == sd["model.fc.weight"].numel() + sd["model.fc.bias"].numel()  # the head only
     assert sorted(m["probe"]["embedded"]) == ["test", "train", "val"] and m["probe"]["cache_hits"] == []
     assert set(m["probe"]["knn"]) == {"k=10", "k=20", "k=100", "k=200"} and "test" in m["probe"]["knn"]["k=20"]
-    assert len(_cache_files(tmp_path / "cache")) == 3
+    assert len(_cache_files(tmp_path / "cache")) == 1  # one block: the rows of the three splits
     from visionft.export import export  # export accepts it and checks its own parity against the eager model
 
     artifact, report = export(m["final_checkpoint"], "torchscript", tmp_path / "export")
     assert artifact.is_file() and report["inputs"]
+
+
+def _rows(block: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(block), framework="pt") as f:
+        return f.get_slice("ids").get_shape()[0]
 
 
 def test_cache_is_reused_and_rebuilt_when_stale_or_corrupt(tiny_cfg, tmp_path, caplog):
@@ -64,21 +71,27 @@ def test_cache_is_reused_and_rebuilt_when_stale_or_corrupt(tiny_cfg, tmp_path, c
     # other weights (same data): every split is embedded again
     reinit = train(tiny_cfg(*base, "seed=7", "data.seed=42", output_dir=tmp_path / "c"))
     assert reinit["probe"]["embedded"] == ["test", "train", "val"]
-    # other data files (a different training subset): at least train is embedded again
+    # a subset of the same images (a few-shot training split): read from the rows already embedded
     fewer = train(tiny_cfg(*base, "data.per_class=5", output_dir=tmp_path / "d"))
-    assert "train" in fewer["probe"]["embedded"]
-    # a truncated entry and one whose tensor bytes were altered are reported and rebuilt, never used
-    files = _cache_files(cache)
-    by_size = sorted(files, key=lambda p: p.stat().st_mtime_ns)[:3]  # the first run's three entries
-    by_size[0].write_bytes(by_size[0].read_bytes()[:100])
-    raw = bytearray(by_size[1].read_bytes())
+    assert fewer["probe"]["embedded"] == [] and fewer["probe"]["cache_hits"] == ["test", "train", "val"]
+    # other test images (synthetic test images depend on their number), the same train and val: test alone embedded
+    other = train(tiny_cfg(*base, "data.test_size=30", output_dir=tmp_path / "e"))
+    assert other["probe"]["embedded"] == ["test"]
+    # that run reads two blocks (train and val: the first run's; test: its own). A truncated block and one whose
+    # tensor bytes were altered are reported and removed, and their rows embedded again, never used
+    (test_block,) = [b for b in _cache_files(cache) if _rows(b) == 30]  # the 30 test images
+    (first_block,) = [b for b in test_block.parent.glob("*.safetensors") if b != test_block]  # the first run's
+    assert _rows(first_block) == 160 + 40  # its train, val and test images
+    first_block.write_bytes(first_block.read_bytes()[:100])
+    raw = bytearray(test_block.read_bytes())
     raw[-8:] = bytes(8 - i for i in range(8))
-    by_size[1].write_bytes(bytes(raw))
-    with caplog.at_level(logging.WARNING, logger="visionft.features"):
-        healed = train(tiny_cfg(*base, output_dir=tmp_path / "e"))
-    assert len(healed["probe"]["embedded"]) == 2
+    test_block.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="visionft.featurecache"):
+        healed = train(tiny_cfg(*base, "data.test_size=30", output_dir=tmp_path / "f"))
+    assert healed["probe"]["embedded"] == ["test", "train", "val"]
     assert "unreadable" in caplog.text and "checksum" in caplog.text
-    assert healed["test"] == first["test"]
+    assert not first_block.exists() and not test_block.exists()
+    assert healed["test"] == other["test"]
 
 
 def test_cache_false_writes_nothing(tiny_cfg, tmp_path):
@@ -219,13 +232,19 @@ def test_wise_anchor_of_full_fine_tuning_is_the_pretrained_body_with_the_trained
 
 
 @pytest.mark.parametrize("change", ["data.eval_crop_pct=0.8", "trainer.precision=bf16-mixed",
-                                    "backbone.kwargs.drop_rate=0.0"])
+                                    "+backbone.kwargs.act_layer=gelu"])
 def test_what_changes_features_misses_the_cache(tiny_cfg, tmp_path, change):
-    base = ["strategy=linear_probe", f"paths.cache_dir={tmp_path / 'cache'}"]
-    train(tiny_cfg(*base, output_dir=tmp_path / "a"))
-    override = change if not change.startswith("backbone.kwargs") else "+" + change
-    m = train(tiny_cfg(*base, override, output_dir=tmp_path / "b"))
-    assert m["probe"]["embedded"] == ["test", "train", "val"], change
+    """Each change alters the features of the same images under the same weights (another eval crop, bf16 autocast,
+    another activation in the network): the second run embeds every split again, and its features differ."""
+    runs = []
+    for overrides in ([], [change]):
+        cfg = tiny_cfg("strategy=linear_probe", *overrides, output_dir=tmp_path / "run")
+        torch.manual_seed(0)  # the same random-init weights
+        dm, _, module = build(cfg)
+        runs.append(run_probe(module, dm, ProbeSpec(), tmp_path / "cache", precision=cfg.trainer.precision))
+    assert runs[1].summary()["embedded"] == ["test", "train", "val"], change
+    assert torch.equal(runs[0].features["test"].y, runs[1].features["test"].y)
+    assert not torch.allclose(runs[0].features["test"].x, runs[1].features["test"].x, atol=1e-3), change
 
 
 def test_knn_bank_is_the_eval_transform_whatever_the_views(tiny_cfg, tmp_path):

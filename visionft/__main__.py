@@ -5,6 +5,7 @@
     python -m visionft predict --model ... --inputs ...
     python -m visionft embed --ckpt ... | --backbone ... --inputs ... | --data ... --out features.npz
     python -m visionft report RUN_DIR | MULTIRUN_DIR     (re)build a run's or a sweep's report from its files
+    python -m visionft cache [--dir DIR] [--clear [features|images]]   the cache folder: sizes, cap; clear it
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("export", "predict", "embed", "report"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("export", "predict", "embed", "report", "cache"):
         from visionft.cli import run
 
         sys.exit(run(sys.argv[1], sys.argv[2:]))

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from visionft.cache_cli import cache_main
 from visionft.errors import UsageError
 from visionft.export import FORMATS, ExportCheckFailed
 
@@ -84,7 +85,8 @@ def report_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"export": export_main, "predict": predict_main, "embed": embed_main, "report": report_main}
+COMMANDS = {"export": export_main, "predict": predict_main, "embed": embed_main, "report": report_main,
+            "cache": cache_main}
 
 
 def run(command: str, argv: list[str]) -> int:

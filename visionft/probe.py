@@ -1,19 +1,23 @@
-"""The linear probe done properly: embed each split once with the frozen backbone (cached, ``visionft.features``), fit
-a multinomial logistic-regression head on the features with full-batch L-BFGS, the L2 strength chosen on validation
-over a log grid and warm-started along the path (the CLIP paper's linear-probe protocol), and a weighted kNN on the
-same features (DINOv2's protocol). ``run_probe`` writes the head into the model's classifier, so what follows (a
-fine-tuning phase for LP-FT, or nothing for a linear probe) starts from it and the checkpoint is a normal one."""
+"""The linear probe done properly: embed each split once with the frozen backbone (cached per image,
+``visionft.featurecache``), fit a multinomial logistic-regression head on the features with full-batch L-BFGS, the L2
+strength chosen on validation over a log grid and warm-started along the path (the CLIP paper's linear-probe
+protocol), and a weighted kNN on the same features (DINOv2's protocol). ``run_probe`` writes the head into the
+model's classifier, so what follows (a fine-tuning phase for LP-FT, or nothing for a linear probe) starts from it and
+the checkpoint is a normal one."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionft.features import FeatureCache, Features, embed, split_hash, weights_hash
+from visionft.featurecache import FeatureStore, image_ids, versions, view_ids
+from visionft.features import Features, embed, weights_hash
 
 log = logging.getLogger(__name__)
 DEFAULT_GRID = tuple(10.0 ** e for e in range(-6, 3))  # L2 strengths on standardized features: 1e-6 .. 100
@@ -150,51 +154,69 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
 
 
-def _dataset_and_key(module, dm, split: str, views: int, device, precision: str, backbone_hash: str):
-    """The split's dataset (the eval transform, or ``views`` seeded augmented views) and its cache key: everything
-    that changes its features."""
-    import timm
+class _Rows(NamedTuple):
+    """One entry's images: the dataset that embeds them, the store key, an id and a label per row."""
 
-    dataset = dm.dataset(split, train_aug=views > 0)
-    transform = repr(dataset.transform)
-    if views:
-        dataset = _SeededViews(dataset, views, dm.seed)
-    data = dm.splits[split]
+    dataset: torch.utils.data.Dataset
+    key: dict
+    ids: list[bytes]
+    labels: torch.Tensor
+
+
+def _rows(module, dm, split: str, views: int, device, precision: str, backbone_hash: str) -> _Rows:
+    """The split's dataset (the eval transform, or ``views`` seeded augmented views), the key of everything besides
+    the image that changes its features, and its rows' ids (``visionft.featurecache``)."""
+    dataset, device = dm.dataset(split, train_aug=views > 0), torch.device(device)
     key = {"backbone": module.meta["timm_name"], "model_kwargs": module.meta["model_kwargs"], "weights": backbone_hash,
-           "split": split, "data": split_hash(data.images, data.labels), "transform": transform,
-           "image_size": dm.image_size, "mean": module.meta["mean"], "std": module.meta["std"],
-           "precision": str(precision), "views": views, "view_seed": dm.seed if views else None,
-           "device": torch.device(device).type, "torch": torch.__version__, "timm": timm.__version__,
-           "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
-           if torch.device(device).type == "cuda" else None}
-    return dataset, key
+           "transform": repr(dataset.transform), "augmented": views > 0, "image_size": dm.image_size,
+           "mean": module.meta["mean"], "std": module.meta["std"], "precision": str(precision),
+           "device": device.type, **versions(), "tf32": [torch.backends.cuda.matmul.allow_tf32,
+                                                         torch.backends.cudnn.allow_tf32] if device.type == "cuda" else None}
+    ids, labels = image_ids(dm.splits[split].images), torch.as_tensor(dm.splits[split].labels, dtype=torch.long)
+    if views:
+        ids, labels = view_ids(ids, views, dm.seed), labels.repeat(views)
+        return _Rows(_SeededViews(dataset, views, dm.seed), key, ids, labels)
+    return _Rows(dataset, key, ids, labels)
 
 
-def probe_features(module, dm, spec: ProbeSpec, cache: FeatureCache, device, precision: str,
+def _embed_rows(module, dm, rows: dict[str, _Rows], todo: dict[str, torch.Tensor], device, precision: str):
+    """The rows ``todo`` names of each entry, embedded in one pass (one loader: worker processes start once)."""
+    parts = [torch.utils.data.Subset(rows[s].dataset, todo[s].tolist()) for s in todo]
+    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_size=dm.eval_batch_size,
+                                         num_workers=dm.num_workers, pin_memory=torch.device(device).type == "cuda")
+    x, _ = embed(module.adapted.model, loader, module.normalize, device, autocast_dtype(precision),
+                 progress=f"embed {'+'.join(todo)}")
+    return dict(zip(todo, x.split([len(p) for p in parts])))
+
+
+def probe_features(module, dm, spec: ProbeSpec, cache: FeatureStore, device, precision: str,
                    backbone_hash: str) -> dict[str, Features]:
-    """Features of every split ``spec`` names (and ``train_eval``, the kNN bank, with augmented views): cached ones
-    read, the others embedded in one pass (one loader, so worker processes start once) and stored one by one."""
+    """Features of every split ``spec`` names (and ``train_eval``, the kNN bank, with augmented views): the rows
+    cached for their images read, the others embedded in one pass and stored, one block per configuration."""
     entries = {s: (s, spec.cache_views if s == "train" else 0) for s in spec.splits
                if s in dm.splits and len(dm.splits[s])}
     if spec.cache_views:  # the kNN bank: train with the eval transform
         entries["train_eval"] = ("train", 0)
-    made = {name: _dataset_and_key(module, dm, s, views, device, precision, backbone_hash)
-            for name, (s, views) in entries.items()}
-    feats = {s: cache.read(key) for s, (_, key) in made.items()}
-    missing = [s for s in made if feats[s] is None]
-    if missing:
-        start = time.perf_counter()
-        parts = [made[s][0] for s in missing]
-        loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_size=dm.eval_batch_size,
-                                             num_workers=dm.num_workers,
-                                             pin_memory=torch.device(device).type == "cuda")
-        x, y = embed(module.adapted.model, loader, module.normalize, device, autocast_dtype(precision),
-                     progress=f"embed {'+'.join(missing)}")
-        seconds = time.perf_counter() - start
-        for s, chunk_x, chunk_y in zip(missing, x.split([len(p) for p in parts]), y.split([len(p) for p in parts])):
-            feats[s] = Features(chunk_x.contiguous(), chunk_y.contiguous(), hit=False,
-                                seconds=seconds * len(chunk_y) / len(y))
-            cache.write(made[s][1], feats[s])
+    rows = {name: _rows(module, dm, s, views, device, precision, backbone_hash) for name, (s, views) in entries.items()}
+    cached = {s: cache.read(r.key, r.ids) for s, r in rows.items()}
+    todo = {s: (~found).nonzero().flatten() for s, (_, found) in cached.items() if not found.all()}
+    start, new, groups = time.perf_counter(), {}, {}
+    if todo:
+        new = _embed_rows(module, dm, rows, todo, device, precision)
+        for s in todo:
+            groups.setdefault(json.dumps(rows[s].key, sort_keys=True), []).append(s)
+    seconds, total = time.perf_counter() - start, sum(len(t) for t in todo.values())
+    for names in groups.values():
+        cache.write(rows[names[0]].key, [rows[s].ids[i] for s in names for i in todo[s].tolist()],
+                    torch.cat([new[s] for s in names]))
+    feats = {}
+    for s, r in rows.items():
+        x = cached[s][0]
+        if s in new:
+            x = new[s].new_zeros(len(r.ids), new[s].shape[1]) if x is None else x
+            x[todo[s]] = new[s]
+        feats[s] = Features(x.contiguous(), r.labels, hit=s not in todo,
+                            seconds=seconds * len(todo[s]) / total if s in todo else 0.0)
     return feats
 
 
@@ -204,7 +226,7 @@ def run_probe(module, dm, spec: ProbeSpec, cache_dir, device="cpu", precision: s
     backbone_hash = weights_hash(model, skip=lambda n: n == classifier or n.startswith(classifier + "."))
     module.to(device)
     head = nn.Module.get_submodule(model, classifier)
-    cache = FeatureCache(cache_dir if spec.cache else None)
+    cache = FeatureStore(cache_dir if spec.cache else None)
     start = time.perf_counter()
     feats = probe_features(module, dm, spec, cache, device, precision, backbone_hash)
     bank = feats.pop("train_eval", None)

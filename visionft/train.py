@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.imagefolder import BadImages
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
+from visionft import cachedir
 from visionft.callbacks import Interrupted, Preemption
 from visionft.checkpoints import (
     check_fits,
@@ -123,6 +124,7 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
     out.mkdir(parents=True, exist_ok=True)
     write_overrides(overrides, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cachedir.set_limit(cfg.paths.get("cache_max_gb", cachedir.DEFAULT_MAX_GB))
     try:
         dm, backbone, module = build(cfg)
     except BadImages as e:  # on_bad_image=error: the whole list is in the run dir
