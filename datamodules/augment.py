@@ -42,6 +42,10 @@ class NoAugment:
     padding = "border"
     fixed = True  # the same geometry for every sample: at the stored size, nothing to resample
 
+    def min_source(self, size: int) -> int:
+        """The shorter side a stored image needs so that no sample is upsampled: the eval geometry's own."""
+        return size
+
     def albumentations(self, size: int, interp: int) -> list:
         return [A.SmallestMaxSize(max_size=size, interpolation=interp), A.CenterCrop(height=size, width=size)]
 
@@ -65,6 +69,10 @@ class Shift:
     rotate: float = 10.0
     padding = "zeros"
     fixed = False
+
+    def min_source(self, size: int) -> int:
+        """The per-sample path resizes to ``size`` first: a stored image needs no more."""
+        return size
 
     def albumentations(self, size: int, interp: int) -> list:
         t, z, r = self.translate, self.zoom, self.rotate
@@ -102,6 +110,12 @@ class CropFlip:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     padding = "border"
     fixed = False
+
+    def min_source(self, size: int) -> int:
+        """The shorter side at which the smallest crop (area ``scale[0]``, the extreme ratios) still has ``size``
+        pixels on each side, so it is never upsampled."""
+        low, (r0, r1) = self.scale[0], self.ratio
+        return math.ceil(size * max(math.sqrt(r1 / low), 1 / math.sqrt(low * r0)))
 
     def albumentations(self, size: int, interp: int) -> list:
         return [A.RandomResizedCrop(size=(size, size), scale=tuple(self.scale), interpolation=interp),

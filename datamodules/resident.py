@@ -2,12 +2,13 @@
 uint8 tensor kept on the training device, whole batches augmented there (``datamodules.augment``), no worker
 processes and no per-sample Python.
 
-- Train: every image as it is, or, when its shorter side exceeds the training size, resized so that it equals it
-  (aspect ratio kept, nothing cropped); images of different shapes share one zero-padded canvas and keep their own
-  sizes, so each crop, resize and shift is drawn on the whole image, as the per-sample path draws it. Batch k of
-  epoch e is a pure function of (seed, e, k): the same ``EpochOrder`` shuffle as the per-sample loader, geometry
-  drawn from a generator seeded by (seed, e, k); the loader's position is saved in checkpoints, so a resumed run
-  sees exactly the batches an uninterrupted one sees.
+- Train: every image as it is, or, when its shorter side exceeds what the augmentation needs (the training size;
+  for random-resized crops, the side at which the smallest crop is not upsampled: ``min_source``), resized to that
+  (aspect ratio kept, nothing cropped; less, logged, when ``data.resident_max_mb`` cannot hold it); images of
+  different shapes share one zero-padded canvas and keep their own sizes, so each crop, resize and shift is drawn
+  on the whole image, as the per-sample path draws it. Batch k of epoch e is a pure function of (seed, e, k): the
+  same ``EpochOrder`` shuffle as the per-sample loader, geometry drawn from a generator seeded by (seed, e, k); the
+  loader's position is saved in checkpoints, so a resumed run sees exactly the batches an uninterrupted one sees.
 - Val/test: the eval transform applied once per image (the per-sample path's own pipeline), then batches are
   slices.
 
@@ -135,12 +136,48 @@ def _shrink(image: np.ndarray, size: int, interpolation: str) -> np.ndarray:
     return A.SmallestMaxSize(max_size=size, interpolation=_interp(interpolation))(image=image)["image"]
 
 
-def train_canvas(images, size: int, interpolation: str, budget_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 3, H, W) uint8 canvas (each image top-left, zero padding) and the (N, 2) sizes, decoding one image at
-    a time (``images``: an iterable of HWC arrays) so a folder of large photos never sits in memory whole."""
-    kept = [_shrink(im, size, interpolation) for im in images]
+def _stored_hw(path: str) -> tuple[int, int]:
+    """(h, w) of an image file as ``read_rgb`` returns it (EXIF orientation applied), from its header alone."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap width and height
+    return (w, h) if turned else (h, w)
+
+
+def stored_side(paths, size: int, need: int, budget_mb: float) -> int:
+    """The shorter side the training images are stored at: ``need`` (the augmentation's smallest crop is then not
+    upsampled) or, when the canvas would not fit ``budget_mb``, the largest side that fits, logged (never below
+    ``size``: then ``train_canvas`` reports it too large)."""
+    if need <= size or not len(paths):
+        return size
+    hw = np.array([_stored_hw(p) for p in paths], dtype=np.float64)
+
+    def canvas_mb(side: int) -> float:
+        s = np.minimum(1.0, side / hw.min(1))[:, None]
+        return len(hw) * 3 * float(np.prod(np.round(hw * s).max(0))) / 2 ** 20
+
+    if canvas_mb(need) <= budget_mb:
+        return need
+    lo, hi = size, need  # the largest side in [size, need) whose canvas fits
+    while lo < hi - 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if canvas_mb(mid) <= budget_mb else (lo, mid)
+    log.warning("resident training images kept at a shorter side of %d px, not %d: data.resident_max_mb=%s limits "
+                "them (%.0f MiB needed), so the smallest random crops are upsampled up to %.2fx as a per-sample "
+                "loader would not; raise data.resident_max_mb or set data.resident=false", lo, need, budget_mb,
+                canvas_mb(need), need / lo)
+    return lo
+
+
+def train_canvas(images, side: int, interpolation: str, budget_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) uint8 canvas (each image top-left, zero padding; shorter sides above ``side`` reduced to it)
+    and the (N, 2) sizes, decoding one image at a time (``images``: an iterable of HWC arrays) so a folder of
+    large photos never sits in memory whole."""
+    kept = [_shrink(im, side, interpolation) for im in images]
     if not kept:
-        return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long)
+        return torch.zeros(0, 3, side, side, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long)
     sizes = torch.tensor([im.shape[:2] for im in kept], dtype=torch.long)
     hmax, wmax = (int(v) for v in sizes.max(0).values)
     if len(kept) * 3 * hmax * wmax / 2 ** 20 > budget_mb:
@@ -167,12 +204,14 @@ def _key(dm, split, role: str) -> dict:
 def build(dm, device: torch.device, cache_root=None) -> dict[str, tuple]:
     """Every split decoded once (image files: through the disk cache) and moved to ``device``: split -> (images,
     labels, sizes or None)."""
+    from datamodules.augment import parse
     from datamodules.transforms import eval_transform
     from visionft.featurecache import FeatureCache
     from visionft.features import Features
 
     cache = FeatureCache(cache_root, kind="images")
     crop = float(dm.eval_crop_pct or 1.0)
+    need = parse(dm.augment)[0].min_source(dm.image_size)  # training images keep this much (see stored_side)
     out = {}
     for name, split in dm.splits.items():
         labels = torch.as_tensor(split.labels, dtype=torch.long)
@@ -180,14 +219,16 @@ def build(dm, device: torch.device, cache_root=None) -> dict[str, tuple]:
             x = stack(split.images, None if name == "train" else eval_transform(dm.image_size, dm.interpolation, crop))
             out[name] = (x.to(device), labels.to(device), None)
             continue
-        role = "train" if name == "train" else f"eval crop {crop}"
+        role = f"train side {need} budget {dm.resident_max_mb}" if name == "train" else f"eval crop {crop}"
         hit = cache.read(_key(dm, split, role))
         sizes_hit = cache.read({**_key(dm, split, role), "what": "sizes"}) if name == "train" else None
         files = (split.load(i) for i in range(len(split)))
         if hit is not None and (name != "train" or sizes_hit is not None):
             x, sizes = hit.x, sizes_hit.x if sizes_hit is not None else None
         elif name == "train":
-            x, sizes = train_canvas(files, dm.image_size, dm.interpolation, dm.resident_max_mb)
+            evals = sum(3 * dm.image_size ** 2 * len(s) for n, s in dm.splits.items() if n != "train") / 2 ** 20
+            side = stored_side(split.images, dm.image_size, need, dm.resident_max_mb - evals)
+            x, sizes = train_canvas(files, side, dm.interpolation, dm.resident_max_mb)
             cache.write({**_key(dm, split, role), "what": "sizes"}, Features(sizes, labels))
         else:
             x, sizes = stack(files, eval_transform(dm.image_size, dm.interpolation, crop)), None

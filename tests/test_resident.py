@@ -212,3 +212,69 @@ def test_resident_auto_falls_back_and_true_refuses_in_one_line(tmp_path):
     with pytest.raises(Exception, match=r"data.resident=true, but the decoded splits need .* MiB > "
                                         r"data.resident_max_mb=0: use data.resident=auto"):
         _dm(tmp_path / "t", "data.resident=true", "data.resident_max_mb=0").train_dataloader()
+
+
+def _stripes(side: int) -> np.ndarray:
+    """A fine pattern (period 6 px across, 8 px down) that a copy stored at the training size cannot hold."""
+    yy, xx = np.mgrid[0:side, 0:side]
+    wave = np.sin(2 * np.pi * xx / 6) * np.cos(2 * np.pi * yy / 8)
+    return np.repeat(np.round(127.5 + 120 * wave).astype(np.uint8)[..., None], 3, -1)
+
+
+def test_resident_crops_keep_the_resolution_the_smallest_crop_needs(tmp_path):
+    """A 126 px photo trained at 32 px with crop_flip at its smallest scale (0.35): the resident copy keeps a
+    shorter side of 63 px (a 0.35-area crop at ratio 4/3 is then 32 px high), and a resident crop equals the
+    per-sample crop of the same box of the original (crop, then cv2 bicubic resize, as RandomResizedCrop does)."""
+    import cv2
+    from PIL import Image
+
+    from datamodules import ImageFolderDataModule
+
+    native = _stripes(126)
+    for split in ("train", "val", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(native).save(tmp_path / split / c / "0.png")
+    preset = CropFlip(scale=(0.35, 0.35))
+    dm = ImageFolderDataModule(root=str(tmp_path), resident="true", batch_size=2,
+                               augment={"name": "crop_flip", "crop_flip": {"scale": [0.35, 0.35]}})
+    dm.configure(32)
+    stored, _, sizes = dm.resident_splits()["train"]
+    side = min(stored.shape[-2:]) if sizes is None else int(sizes.min())
+    assert side == 63, side
+    n = 64
+    matrices, box = preset.sample(n, tuple(stored.shape[-2:]), 32, torch.Generator().manual_seed(0))
+    resident = warp(stored[:1].expand(n, -1, -1, -1), (matrices, box), 32, "bicubic", preset.padding)
+    scale = 126 / stored.shape[-1]
+    errors = []
+    for i in range(n):
+        x0, y0, x1, y1 = (int(round(float(v) * scale)) for v in (box[i, 0], box[i, 1], box[i, 2] + 1, box[i, 3] + 1))
+        want = cv2.resize(native[y0:y1, x0:x1], (32, 32), interpolation=cv2.INTER_CUBIC)
+        want = want[:, ::-1] if matrices[i, 0, 0] < 0 else want
+        errors.append(np.abs(resident[i].permute(1, 2, 0).numpy().astype(float) - want).mean())
+    assert np.mean(errors) < 12, np.mean(errors)
+
+
+def test_resident_images_shrink_to_the_memory_budget_and_say_so(tmp_path, caplog):
+    """When the side the crops need does not fit data.resident_max_mb, the largest side that fits is kept (never
+    below the training size), and the log says what was given up."""
+    import logging
+
+    from PIL import Image
+
+    from datamodules.resident import stored_side
+
+    paths = []
+    for i, (h, w) in enumerate([(126, 126), (100, 180)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(paths[-1])
+    assert stored_side(paths, 32, 63, budget_mb=1.0) == 63
+
+    def canvas_mb(s):  # both images' shorter sides reduced to s: canvas = 2 x 3 x max height x max width
+        return 2 * 3 * s * round(180 * s / 100) / 2 ** 20
+
+    budget = canvas_mb(50)
+    with caplog.at_level(logging.WARNING):
+        assert stored_side(paths, 32, 63, budget_mb=budget) == 50
+    assert "shorter side of 50 px, not 63" in caplog.text and "upsampled" in caplog.text
+    assert stored_side(paths, 32, 63, budget_mb=canvas_mb(20)) == 32  # below the training size: never
