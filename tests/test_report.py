@@ -267,3 +267,30 @@ def test_sweep_with_an_output_dir_keeps_numeric_order_and_counts_crashed_jobs(tm
     assert "no metrics.json" in (root / "report.md").read_text()
     bad = cli("report", str(root), "--metric", "trainable_params", cwd=tmp_path)
     assert bad.returncode == 2 and "must name a split" in bad.stderr
+
+
+def test_a_truncated_metrics_json_fails_its_job_and_the_sweep_reports_the_rest(tmp_path):
+    truth = fake_sweep(tmp_path / "sweep")
+    job = tmp_path / "sweep" / "1"  # full, lr 0.001, seed 1: a finished job whose metrics.json a kill cut short
+    text = (job / "metrics.json").read_text()
+    lost = json.loads(text)["test"]["test/acc"]
+    (job / "metrics.json").write_text(text[: len(text) // 2])
+    r = cli("report", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = pd.read_csv(tmp_path / "sweep" / "runs.csv")
+    assert len(runs) == 12 and runs["failed"].notna().sum() == 6
+    assert runs.loc[runs["job"] == 1, "failed"].item().startswith("unreadable metrics.json (JSONDecodeError")
+    groups = pd.read_csv(tmp_path / "sweep" / "report.csv", dtype={"strategy.lr": str})
+    g = groups[(groups["strategy"] == "full") & (groups["strategy.lr"] == "0.001")].iloc[0]
+    kept = [a for a in truth[("full", "0.001")] if a != lost]
+    assert (g["n"], g["failed"]) == (1, 2) and g["mean"] == pytest.approx(np.mean(kept))
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "12 runs, 6 failed" in md and "unreadable metrics.json" in md
+
+
+def test_the_report_of_a_run_with_a_truncated_metrics_json_is_one_line_exit_2(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text('{"val": {"val/acc": 0.5}, "te')
+    r = cli("report", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "metrics.json is not readable (JSONDecodeError" in r.stderr

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -277,3 +278,88 @@ def test_gradients_are_freed_before_the_forward_and_the_weights_are_lightnings(t
     lightnings, seen = run("lightning")
     assert any(has for i, has in seen if i % accumulate == 0 and i > 0)  # Lightning's order: they were still there
     assert ours.keys() == lightnings.keys() and all(torch.equal(ours[k], lightnings[k]) for k in ours)
+
+
+def _disk_full_at(monkeypatch, name: str, nth: int) -> None:
+    """Every open of a file whose path contains ``name`` for writing works, except the ``nth``: it writes half of
+    what it is given, then fails as a full disk does (ENOSPC)."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    real, seen = builtins.open, {"n": 0}
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, key):
+            return getattr(self.f, key)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and name in os.fspath(file) and set(mode) & set("wax+"):
+            seen["n"] += 1
+            if seen["n"] == nth:
+                return Full(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", fake)
+    monkeypatch.setattr(io, "open", fake)
+
+
+def test_a_full_disk_writing_metrics_json_keeps_the_previous_file_and_is_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from conftest import TINY
+    from visionft.__main__ import main
+
+    out = tmp_path / "run"
+    _disk_full_at(monkeypatch, "metrics.json", 2)  # the fit's record is written; the evaluated one hits a full disk
+    monkeypatch.setattr(sys, "argv", ["visionft", *TINY, f"paths.output_dir={out}"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: no space left on the device writing {out / 'metrics.json'} (the previous file "
+                           f"there is intact)"), line
+    saved = json.loads((out / "metrics.json").read_text())  # the fit's record, whole
+    assert saved["epochs"] == 1 and saved["test"] == {} and saved["best_checkpoint"].endswith("best.ckpt")
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_without_checkpoint_callbacks_the_evaluated_weights_are_the_final_checkpoint(tiny_cfg, tmp_path):
+    import visionft
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg("callbacks.best=null", "callbacks.last=null", output_dir=tmp_path / "run")
+    metrics = train(cfg)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    final = tmp_path / "run" / "checkpoints" / "final.ckpt"
+    assert saved["final_checkpoint"] == str(final) and final.is_file() and saved["best_checkpoint"] is None
+    # the file's weights, deployed on their own, score the recorded test accuracy and loss on the test images
+    trained = visionft.load(final)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    images, labels = dm.splits["test"].images, dm.splits["test"].labels
+    k = len(trained.classes)
+    rows = trained.predict(list(images), topk=k)
+    probs = [{trained.classes.index(r[f"label_{i}"]): r[f"prob_{i}"] for i in range(1, k + 1)} for r in rows]
+    acc = sum(int(max(p, key=p.get) == y) for p, y in zip(probs, labels)) / len(labels)
+    loss = -sum(math.log(p[int(y)]) for p, y in zip(probs, labels)) / len(labels)
+    assert acc == pytest.approx(metrics["test"]["test/acc"], abs=1e-6) == saved["test"]["test/acc"]
+    assert loss == pytest.approx(saved["test"]["test/loss"], abs=1e-4)

@@ -4,10 +4,7 @@ instantiated unless its ``_target_`` is one of visionft's own presets (``conf/<g
 cannot make visionft call an arbitrary function."""
 from __future__ import annotations
 
-import errno
 import io
-import os
-import socket
 from functools import cache
 from pathlib import Path
 
@@ -15,41 +12,18 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from visionft.atomic import DiskFull, replacing  # noqa: F401  (DiskFull: the CLI's user error)
+from visionft.atomic import write_synced as _write_bytes
 from visionft.errors import UsageError
-
-
-class DiskFull(OSError):
-    """No space (or quota) left while writing a checkpoint; the previous checkpoint at that path is intact."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it: a crash or a
-    failed write (full disk) leaves the previous file, never a truncated one, at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    failed write (full disk: ``DiskFull``) leaves the previous file, never a truncated one, at ``path``."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialized first: a failing disk then surfaces as the OSError of a plain write
-    try:
+    with replacing(path, "checkpoint", "resume with resume=true") as tmp:
         _write_bytes(tmp, buffer.getbuffer())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(e.errno, f"no space left on the device writing {path} (the previous checkpoint there "
-                                    f"is intact): free space, then resume with resume=true") from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_bytes(path: Path, data) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,5 +1,6 @@
 """What a run leaves in its output directory: ``metrics.json`` and ``config.yaml`` (rewritten as phases finish),
-``bad_images.csv``, the report, the export, and the summary line."""
+``bad_images.csv``, the report, the export, and the summary line. Every file is written atomically
+(``visionft.atomic``): a kill or a full disk leaves the previous file, and a failed write is one line."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,8 @@ import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from visionft.atomic import write_text
 
 log = logging.getLogger("visionft.train")
 
@@ -17,13 +20,13 @@ def write_rejected(rejected: dict[str, str], out: Path) -> Path | None:
         (out / "bad_images.csv").unlink(missing_ok=True)
         return None
     import csv
+    import io
 
-    path = out / "bad_images.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        w.writerows(sorted(rejected.items()))
-    return path
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["path", "reason"])
+    w.writerows(sorted(rejected.items()))
+    return write_text(out / "bad_images.csv", text.getvalue())
 
 
 class ExportFailed(RuntimeError):
@@ -46,9 +49,13 @@ def export_final(ckpt: str, fmt: str, out: Path, metrics: dict, cfg: DictConfig)
     return artifact
 
 
+def write_metrics(metrics: dict, out: Path) -> None:
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+
+
 def write_outputs(metrics: dict, cfg: DictConfig, out: Path) -> None:
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_metrics(metrics, out)
+    write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def summary(m: dict, out: Path) -> str:
@@ -64,7 +71,7 @@ def write_overrides(overrides: list[str] | None, out: Path) -> None:
     if overrides is not None:
         import yaml
 
-        (out / "overrides.yaml").write_text(yaml.safe_dump(list(overrides), default_flow_style=False))
+        write_text(out / "overrides.yaml", yaml.safe_dump(list(overrides), default_flow_style=False))
 
 
 def task_overrides() -> list[str] | None:
@@ -89,7 +96,7 @@ def write_report(metrics: dict, out: Path, keep_predictions=None) -> None:
     from visionft.report import run as run_report
 
     metrics.pop("report_error", None)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))  # the report reads the run's files
+    write_metrics(metrics, out)  # the report reads the run's files
     for step, what in ((keep_predictions, "test predictions"), (lambda: run_report.write(out), "report")):
         if step is None:
             continue
@@ -99,4 +106,4 @@ def write_report(metrics: dict, out: Path, keep_predictions=None) -> None:
             log.exception("the run's %s could not be written (the run is saved; `visionft report %s` rebuilds the "
                           "report)", what, out)
             metrics["report_error"] = f"{what}: {type(e).__name__}: {e}"
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_metrics(metrics, out)

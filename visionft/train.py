@@ -174,8 +174,27 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
                           f"{p.trainer.global_step}; resumable checkpoint {stop.saved}. Resume with: python -m "
                           f"visionft <the same overrides> resume=true paths.output_dir={p.out}",
                           stop.signal_name) from None
+    return fitted_model(p), probe, wise_start
+
+
+def fitted_model(p: Parts) -> str:
+    """The checkpoint of the fitted model: the monitored best, else ``last.ckpt`` when this fit saved it, else
+    (no checkpoint callback saved one, e.g. ``callbacks.best=null callbacks.last=null``) the weights at the end of
+    the fit, saved as ``final.ckpt``."""
     best = p.ckpt.best_model_path if p.ckpt is not None else ""
-    return best or str(p.out / "checkpoints" / "last.ckpt"), probe, wise_start
+    if best:
+        return best
+    last = p.out / "checkpoints" / "last.ckpt"
+    saved = {Path(path).resolve() for c in p.trainer.checkpoint_callbacks
+             for path in (c.best_model_path, c.last_model_path) if path}
+    if last.resolve() in saved:
+        return str(last)
+    final = p.out / "checkpoints" / "final.ckpt"
+    log.info("no checkpoint callback saved the model: the weights at the end of the fit are the final model (%s)",
+             final)
+    if p.trainer.is_global_zero:
+        save_weights(p.module, final)
+    return str(final)
 
 
 def record(p: Parts, final: str, probe: ProbeRun | None, start: float) -> dict:

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from visionft.atomic import write_text
+from visionft.errors import UsageError
 from visionft.report import plots, predictions
 from visionft.report.card import entered_opens, model_card
 
@@ -65,7 +67,7 @@ def write(run: Path) -> list[Path]:
     """Build the report of the run in ``run`` from its files; returns what was written. Parts whose inputs are
     missing (no test split, no CSV logger, no gradient epochs) are skipped and the card says why."""
     run = Path(run)
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = read_metrics(run / "metrics.json")
     out = run / "report"
     out.mkdir(exist_ok=True)
     written, notes = [], {}
@@ -73,7 +75,7 @@ def write(run: Path) -> list[Path]:
     table = None
     if pred is not None and len(pred["labels"]):
         table = per_class(pred)
-        table.to_csv(out / "per_class.csv", index=False, float_format="%.4f")
+        write_text(out / "per_class.csv", table.to_csv(index=False, float_format="%.4f"))
         written.append(out / "per_class.csv")
         classes = [str(c) for c in pred["classes"]]
         written.append(plots.confusion(confusion_matrix(pred), classes, out / "confusion.png"))
@@ -91,5 +93,24 @@ def write(run: Path) -> list[Path]:
         notes["curves"] = ("no gradient epochs (the head was solved in closed form)" if not metrics.get("epochs")
                            else "no csv/metrics.csv (the CSV logger was off)")
     card = run / "README.md"
-    card.write_text(model_card(run, metrics, table, [p.relative_to(run) for p in written], notes))
+    write_text(card, model_card(run, metrics, table, [p.relative_to(run) for p in written], notes))
     return [*written, card]
+
+
+class UnreadableMetrics(UsageError):
+    """A ``metrics.json`` that is not a JSON object (truncated by a kill, or not JSON at all)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{path} is not readable ({reason}): the run stopped while writing it; run it again")
+
+
+def read_metrics(path: Path) -> dict:
+    """A run's ``metrics.json``, or ``UnreadableMetrics`` saying why it cannot be read."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON (truncated), not UTF-8
+        raise UnreadableMetrics(path, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+    if not isinstance(metrics, dict):
+        raise UnreadableMetrics(path, f"a JSON {type(metrics).__name__}, not an object")
+    return metrics

@@ -4,14 +4,15 @@ trainable parameters. Writes ``report.md``, ``report.csv`` (groups), ``runs.csv`
 ``params.png``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from visionft.atomic import write_text
 from visionft.errors import UsageError
 from visionft.report import plots
 from visionft.report.card import _md, overrides_of
+from visionft.report.run import UnreadableMetrics, read_metrics
 
 PER_RUN = ["trainable_params", "total_params", "wall_time_s", "train_images_per_s"]
 
@@ -25,10 +26,21 @@ def jobs(root: Path) -> list[Path]:
     return sorted((j for j in found if j != root), key=lambda p: (len(p.name), p.name))
 
 
-def _failure(job: Path, metrics: dict | None, metric: str) -> str | None:
-    if metrics is not None and metrics.get(metric.split("/", 1)[0], {}).get(metric) is not None:
+def _metrics(job: Path) -> tuple[dict | None, str]:
+    """The job's ``metrics.json`` (None when absent or unreadable) and, when there is none, why."""
+    if not (job / "metrics.json").is_file():
+        return None, "no metrics.json"
+    try:
+        return read_metrics(job / "metrics.json"), ""
+    except UnreadableMetrics as e:  # e.g. truncated by a kill: this job failed, the others are reported
+        return None, f"unreadable metrics.json ({e.reason})"
+
+
+def _failure(job: Path, metrics: dict | None, missing: str, metric: str) -> str | None:
+    split = (metrics or {}).get(metric.split("/", 1)[0])
+    if isinstance(split, dict) and split.get(metric) is not None:
         return None
-    why = "no metrics.json" if metrics is None else f"no {metric} in metrics.json"
+    why = missing or f"no {metric} in metrics.json"
     log = next(iter(sorted(job.glob("*.log"))), None)
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log else []
     errors = [ln for ln in lines if "error" in ln.lower() or "Traceback" in ln]
@@ -39,10 +51,9 @@ def collect(root: Path, metric: str) -> pd.DataFrame:
     """One row per job: its overrides (prefixes ``+``/``~`` dropped), the metric, cost columns, and why it failed."""
     rows = []
     for job in jobs(root):
-        mfile = job / "metrics.json"
-        m = json.loads(mfile.read_text()) if mfile.is_file() else None
+        m, missing = _metrics(job)
         params = dict(o.lstrip("+~").split("=", 1) for o in overrides_of(job) or [] if "=" in o)
-        failed = _failure(job, m, metric)
+        failed = _failure(job, m, missing, metric)
         value = None if failed else m[metric.split("/", 1)[0]][metric]
         rows.append({"job": job.relative_to(root).as_posix(), **params, metric: value,
                      **{k: (m or {}).get(k) for k in PER_RUN}, "failed": failed})
@@ -76,8 +87,8 @@ def write(root: Path, metric: str = "test/acc", seed_key: str = "seed", out: Pat
     runs = collect(root, metric)
     keys = [k for k in swept(runs, metric) if k != seed_key]
     groups = group(runs, keys, metric)
-    runs.to_csv(out / "runs.csv", index=False)
-    groups.to_csv(out / "report.csv", index=False)
+    write_text(out / "runs.csv", runs.to_csv(index=False))
+    write_text(out / "report.csv", groups.to_csv(index=False))
     written = [out / "runs.csv", out / "report.csv"]
     plotted = groups[groups["n"] > 0]
     figures = []
@@ -95,7 +106,7 @@ def write(root: Path, metric: str = "test/acc", seed_key: str = "seed", out: Pat
     if len(fails):
         text += ["", "## Failed runs", "", _md(fails[["job", *keys, *([seed_key] if seed_key in fails else []),
                                                       "failed"]])]
-    (out / "report.md").write_text("\n".join(text) + "\n")
+    write_text(out / "report.md", "\n".join(text) + "\n")
     return [*written, *figures, out / "report.md"]
 
 
