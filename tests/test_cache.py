@@ -132,7 +132,7 @@ def test_an_unwritable_cache_folder_is_reported_once_and_the_run_goes_on(tiny_cf
         m = train(tiny_cfg("strategy=linear_probe", f"paths.cache_dir={tmp_path / 'a_file' / 'cache'}",
                            output_dir=tmp_path / "run"))
     assert m["probe"]["embedded"] == ["test", "train", "val"] and m["test"]["test/acc"] >= 0
-    warned = [r for r in caplog.records if "cannot write the cache" in r.getMessage()]
+    warned = [r for r in caplog.records if "cannot write the cache folder" in r.getMessage()]
     assert len(warned) == 1 and "continuing without caching" in warned[0].getMessage()
 
 
@@ -153,7 +153,7 @@ def test_a_full_cache_folder_is_reported_once_and_the_run_goes_on(tiny_cfg, tmp_
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
     assert run.summary()["embedded"] == again.summary()["embedded"] == ["test", "train", "val"]
-    warned = [r.getMessage() for r in caplog.records if "cannot write the cache" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "cannot write the cache folder" in r.getMessage()]
     assert len(warned) == 1 and "File too large" in warned[0], warned
     assert [f for f in (tmp_path / "cache").rglob("*") if f.is_file()] == []  # no temporary left behind
 
@@ -168,10 +168,17 @@ def test_the_cache_command_shows_and_clears(tiny_cfg, tmp_path, capsys):
     sizes = {k: sum(f.stat().st_size for f in (cache / k).rglob("*") if f.is_file()) for k in ("features", "images")}
     assert run("cache", ["--dir", str(cache)]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    assert lines["features"].split()[1] == "1" and f"({sizes['features']:,} bytes)" in lines["features"]
-    assert lines["images"].split()[1] == "1" and f"({sizes['images']:,} bytes)" in lines["images"]
-    assert f"({sum(sizes.values()):,} bytes)" in lines["total"] and "paths.cache_max_gb=20" in lines["cache"]
+    assert lines["features"].split()[1] == "1" and f"{sizes['features']:,} bytes" in lines["features"]
+    assert lines["images"].split()[1] == "1" and f"{sizes['images']:,} bytes" in lines["images"]
+    assert f"{sum(sizes.values()):,} bytes" in lines["total"] and "paths.cache_max_gb=20" in lines["cache"]
     assert run("cache", ["--dir", str(cache), "--clear", "features"]) == 0
     assert not _blocks(cache) and (cache / "images" / "e.json").exists()
     assert run("cache", ["--dir", str(cache), "--clear"]) == 0
     assert not (cache / "images" / "e.json").exists()
+
+
+def test_a_bad_cap_is_a_usage_error(tiny_cfg, tmp_path):
+    from visionft.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"paths.cache_max_gb=-1 must be a number of GB >= 0"):
+        train(tiny_cfg("strategy=linear_probe", "++paths.cache_max_gb=-1", output_dir=tmp_path / "run"))

@@ -17,8 +17,8 @@ def _configured() -> tuple[str, float | None]:
 
 
 def _size(n: int) -> str:
-    unit, scale = next((u, f) for u, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)) if n >= f or f == 1)
-    return f"{n / scale:.1f} {unit} ({n:,} bytes)"
+    unit, scale = next(((u, f) for u, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= f), (None, 1))
+    return f"{n / scale:.1f} {unit} ({n:,} bytes)" if unit else f"{n:,} bytes"
 
 
 def cache_main(argv: list[str]) -> int:

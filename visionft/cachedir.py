@@ -147,9 +147,9 @@ def cannot_write(root: Path, path: Path, error: BaseException) -> None:
     if str(root) in _unwritable:
         return
     _unwritable.add(str(root))
-    reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-    log.warning("cannot write the cache %s (%s): continuing without caching; set paths.cache_dir to a writable "
-                "folder with free space", path.parent, reason)
+    reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:160] or type(error).__name__
+    log.warning("cannot write the cache folder %s (%s, writing %s): continuing without caching; set "
+                "paths.cache_dir to a writable folder with free space", root, reason, path.relative_to(root))
 
 
 def save_tensors(root: Path, path: Path, tensors: dict, metadata: dict) -> bool:
