@@ -39,7 +39,7 @@ from visionft.outputs import (  # noqa: F401
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
 from visionft.report.predictions import TestPredictions, feature_probs
 from visionft.report.predictions import save as save_predictions
-from visionft.wise import snapshot, wise_ft
+from visionft.wise import same_at_every_alpha, snapshot, wise_ft
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,11 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
         raise UsageError(f"wise.alphas interpolates the backbone between the start and the end of fine-tuning, and "
                          f"strategy {module.strategy.name} leaves the backbone as it was: drop wise.alphas (or use "
                          f"strategy=lp_ft)")
+    if wise_alphas(cfg) and same_at_every_alpha(module, head_from_probe=module.strategy.head_probe() is not None):
+        raise UsageError(f"wise.alphas has nothing to interpolate: strategy {module.strategy.name} trains only "
+                         f"tensors WiSE-FT keeps as trained at both ends (the head, and randomly initialized ones "
+                         f"such as prompt tokens, whose start is no pretrained model) and freezes the rest, so every "
+                         f"alpha gives the fine-tuned model: drop wise.alphas")
     if not module.strategy.gradient_fit and (cfg.compile or any(cfg.loss.values())):
         log.warning("strategy %s solves its head in closed form on cached features: compile and loss.* options "
                     "do not apply", module.strategy.name)

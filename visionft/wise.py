@@ -3,9 +3,13 @@ theta(alpha) = (1 - alpha) * theta_start + alpha * theta_end, and keep the alpha
 
 The start is the model as fit began: the pretrained backbone with the probe head for LP-FT; otherwise the pretrained
 backbone with the *trained* head (a fresh zero head is no starting point). Adapters anchor what they add
-(``Adapted.wise_anchor``): for low-rank adapters alpha scales the adapter. BatchNorm running statistics interpolate with the
-weights; integer buffers are the end's. The curve is written as ``wise/alpha_curve.csv`` and ``.png``; the chosen
-model is left in the module, so test, artifacts and export all see it."""
+(``Adapted.wise_anchor``): for low-rank and bottleneck adapters alpha scales the adapter; for tuners whose factors
+enter nonlinearly (Hadamard or Kronecker products, rotations) the merged weights follow the straight line
+W0 + alpha * dW. Where every trained tensor is kept as trained at both ends (VPT's random prompts, the head) every
+alpha is one model (``same_at_every_alpha``) and a run refuses ``wise.alphas`` before training. BatchNorm running
+statistics interpolate with the weights; integer buffers are the end's. The curve is written as
+``wise/alpha_curve.csv`` and ``.png``; the chosen model is left in the module, so test, artifacts and export all see
+it."""
 from __future__ import annotations
 
 import csv
@@ -35,6 +39,20 @@ def anchor_state(module, start: dict, end: dict, head_from_probe: bool) -> dict:
     return {k: end[k] if k in params and adapted.depth_of(k) == head else v for k, v in anchor.items()}
 
 
+def same_at_every_alpha(module, head_from_probe: bool) -> bool:
+    """Whether theta(alpha) is one model whatever alpha: every tensor that trains is anchored at its trained value
+    (prompt tokens start random, so their start is no pretrained model) and no frozen one gets an anchor of its own.
+    Anchors are chosen by name, so markers stand in for the tensors: ``end`` for the end (and for frozen tensors,
+    which end as they start), another for the start of those that train."""
+    if module.strategy.bn == "train" and module.adapted.bn_depths():
+        return False  # BatchNorm statistics move from the start to the end
+    end_marker, trainable = torch.ones(()), module.gates.trainable
+    keys = list(module.model.state_dict())
+    start = {k: torch.zeros(()) if k in trainable else end_marker for k in keys}
+    anchor = anchor_state(module, start, dict.fromkeys(keys, end_marker), head_from_probe)
+    return all(anchor[k] is end_marker for k in keys)
+
+
 def wise_ft(module, trainer, dm, start: dict, alphas, out: Path, head_from_probe: bool) -> dict:
     """Evaluate theta(alpha) on val for every alpha, load the best (ties: lower val loss), write the curve."""
     end = snapshot(module.model)
@@ -56,21 +74,18 @@ def wise_ft(module, trainer, dm, start: dict, alphas, out: Path, head_from_probe
 
 
 def write_curve(rows: list[dict], chosen: float, folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a figure outside pyplot: no global backend switch in a user's session
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "alpha_curve.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["alpha", "val_acc", "val_loss"])
         w.writeheader()
         w.writerows(rows)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot([r["alpha"] for r in rows], [r["val_acc"] for r in rows], marker="o")
     ax.axvline(chosen, color="gray", linestyle="--", label=f"chosen alpha = {chosen:g}")
     ax.set(xlabel="alpha (0: start of fit, 1: fine-tuned)", ylabel="val accuracy", title="WiSE-FT")
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "alpha_curve.png", dpi=120)
-    plt.close(fig)

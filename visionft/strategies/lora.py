@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from visionft.adapted import Adapted
@@ -107,6 +108,7 @@ class PeftAdapted(Adapted):
                               for a in m.adapter_layer_names}
         super().__init__(model, backbone)
         self.with_bn_stats = with_bn_stats
+        self.base_in_artifact = False
 
     def _strip(self, name: str) -> str:
         for part in _PEFT_PARTS:
@@ -137,21 +139,51 @@ class PeftAdapted(Adapted):
         return self.model.merge_and_unload()  # a plain timm model with the adapters folded into its weights
 
     def wise_anchor(self, start: dict, end: dict) -> dict:
-        """B starts at zero, so A's starting value is arbitrary: anchoring A at its trained value makes the
-        interpolation alpha * B @ A, i.e. alpha scales the adapter (DoRA magnitudes interpolate from their start)."""
+        """LoRA: B starts at zero, so A's starting value is arbitrary: anchoring A at its trained value makes the
+        interpolation alpha * B @ A, i.e. alpha scales the adapter (DoRA magnitudes interpolate from their start).
+        Other tuners (LoHa, LoKr, OFT, ...): the straight line of the merged weights (``_merged_line_anchor``)."""
+        if str(self.model.peft_config["default"].peft_type).rsplit(".", 1)[-1] != "LORA":
+            return self._merged_line_anchor(start, end)
         return {k: end[k] if "lora_A" in k or "lora_embedding_A" in k else v for k, v in start.items()}
 
+    def _merged_line_anchor(self, start: dict, end: dict) -> dict:
+        """W0 + alpha * dW for each adapted weight W0, dW = merged trained weight - W0, whatever the factors: they
+        stay as trained, and the base weight starts at B, the weight that merges to W0 (peft's unmerge applied to
+        W0). A merge is affine in the base weight (W + dW, R @ W, W * l), so lerp(B, W0, alpha) merges to
+        lerp(W0, W0 + dW, alpha). Reads the live model, which holds ``end``; the artifact then carries the base
+        weights."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        anchor = {k: end[k] if self._adapter_at(self._strip(k)) >= 0 else v for k, v in start.items()}
+        with torch.no_grad():
+            for name, layer in self.model.named_modules():
+                key = f"{name}.base_layer.weight"
+                if not isinstance(layer, BaseTunerLayer) or key not in start:
+                    continue
+                weight = layer.get_base_layer().weight
+                w0 = weight.detach().clone()
+                layer.merge()
+                weight.copy_(w0)  # "merged" W0: unmerging it gives B
+                layer.unmerge()
+                anchor[key] = weight.detach().clone()
+                weight.copy_(w0)
+                self.base_in_artifact = True
+        return anchor
+
     def artifact_state(self) -> dict:
-        """The adapters and the head (peft's own selection) [+ BatchNorm statistics if BatchNorm trained]."""
+        """The adapters and the head (peft's own selection) [+ BatchNorm statistics if BatchNorm trained] [+ the
+        adapted layers' base weights once WiSE-FT moved them along the merged line]."""
         from peft import get_peft_model_state_dict
 
         sd = dict(get_peft_model_state_dict(self.model))
-        if self.with_bn_stats:
-            sd.update({k: v for k, v in self.model.state_dict().items() if k.endswith(_BN_STATS)})
+        keep = (_BN_STATS if self.with_bn_stats else ()) + ((_BASE,) if self.base_in_artifact else ())
+        if keep:
+            sd.update({k: v for k, v in self.model.state_dict().items() if k.endswith(keep)})
         return sd
 
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_BASE = ".base_layer.weight"  # an adapted layer's own weight (in an artifact after WiSE-FT's merged line)
 
 
 def save_adapter(model: nn.Module, out: Path, state: dict) -> tuple[Path, Path]:
@@ -180,13 +212,14 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     config = config_cls(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})
     peft_model = get_peft_model(model, config)
     sd = load_file(str(folder / ADAPTER_FILE))
-    stats = {k: v for k, v in sd.items() if k.endswith(_BN_STATS)}
-    result = set_peft_model_state_dict(peft_model, {k: v for k, v in sd.items() if k not in stats})
+    own = {k: v for k, v in sd.items() if k.endswith((*_BN_STATS, _BASE))}  # the model's own tensors, not peft's
+    result = set_peft_model_state_dict(peft_model, {k: v for k, v in sd.items() if k not in own})
     if getattr(result, "unexpected_keys", None):
         raise UsageError(f"adapter {folder} does not fit this model: unexpected {result.unexpected_keys[:5]}")
-    if stats:
-        missing = set(stats) - set(peft_model.state_dict())
+    if own:
+        missing = set(own) - set(peft_model.state_dict())
         if missing:
-            raise UsageError(f"adapter {folder} has BatchNorm statistics this model lacks: {sorted(missing)[:5]}")
-        peft_model.load_state_dict(stats, strict=False)
+            raise UsageError(f"adapter {folder} has BatchNorm statistics or base weights this model lacks: "
+                             f"{sorted(missing)[:5]}")
+        peft_model.load_state_dict(own, strict=False)
     return peft_model

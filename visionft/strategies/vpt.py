@@ -53,7 +53,8 @@ class PromptAdapted(Adapted):
         return {n: p.detach() for n, p in self.model.named_parameters() if self.trainable(n)}
 
     def wise_anchor(self, start: dict, end: dict) -> dict:
-        """Random initial prompts are not the pretrained function: the prompts stay as trained, the rest interpolates."""
+        """Random initial prompts are not the pretrained function: the prompts stay as trained, the rest (frozen)
+        interpolates, so every alpha is the same model and a run refuses ``wise.alphas`` (``same_at_every_alpha``)."""
         return {k: end[k] if k.startswith("prompts.") else v for k, v in start.items()}
 
     def depth_of(self, name: str) -> int:
