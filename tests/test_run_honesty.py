@@ -1,0 +1,45 @@
+"""Options a run is given are honoured, or the run says what it did instead: class weights in the probe, kNN k
+above the bank, the learning-rate log on small data, data.num_workers on a small machine, bf16 on a CPU without
+it, the full-state save on SIGTERM, the param-group table at unfreeze."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visionft.probe import run_probe, solve
+from visionft.train import build
+
+
+def test_configured_class_weights_reach_the_probe_head(tiny_cfg, tmp_path):
+    """loss.class_weights with the default L-BFGS probe: the head run_probe writes is the weighted solve on the run's
+    own features (tests/test_probe.py: that solve is scikit-learn's class-weighted fit), not the unweighted one."""
+    weights = [8.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.25]
+    cfg = tiny_cfg("strategy=linear_probe", "strategy.l2_grid=0.1", f"loss.class_weights={weights}",
+                   f"paths.cache_dir={tmp_path / 'cache'}")
+    dm, _, module = build(cfg)
+    dm.setup()
+    run = run_probe(module, dm, module.strategy.head_probe(), cfg.paths.cache_dir)
+    head = module.adapted.model.get_classifier()
+    train, val = ((run.features[s].x, run.features[s].y) for s in ("train", "val"))
+    weighted = solve(train, val, 10, grid=[0.1], class_weights=weights)
+    plain = solve(train, val, 10, grid=[0.1])
+    torch.testing.assert_close(head.weight.detach(), weighted.weight)
+    torch.testing.assert_close(head.bias.detach(), weighted.bias)
+    assert (weighted.bias - plain.bias).abs().max() > 0.1
+
+
+def test_knn_skips_k_above_the_bank_and_says_so(caplog):
+    """k=200 on a bank of 196 training images would vote with the whole bank: the k is skipped (no metric), and the
+    log names it and the bank size."""
+    import logging
+
+    from visionft.features import Features
+    from visionft.probe import knn_accuracies
+
+    g = torch.Generator().manual_seed(0)
+    bank = Features(torch.randn(196, 8, generator=g), torch.arange(196) % 4)
+    val = Features(torch.randn(30, 8, generator=g), torch.arange(30) % 4)
+    with caplog.at_level(logging.INFO, logger="visionft.probe"):
+        out = knn_accuracies(bank, {"train": bank, "val": val}, 4, ks=(10, 20, 100, 196, 200, 500))
+    assert set(out) == {"k=10", "k=20", "k=100", "k=196"} and set(out["k=196"]) == {"val"}
+    assert "kNN k=200,500 skipped: the bank holds 196 training images" in caplog.text
