@@ -64,3 +64,38 @@ def test_embed_errors_are_one_line(run, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: --out {tmp_path / 'f.txt'}: the output must end in .npz or .parquet"
     empty = _cli("--ckpt", m["best_checkpoint"], "--inputs", tmp_path, "--out", tmp_path / "f.npz", cwd=tmp_path)
     assert empty.returncode == 2 and "no images found" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_embed_skips_and_lists_unreadable_files(run, tmp_path):
+    from PIL import Image
+
+    cfg, m = run
+    folder = _labelled_folder(tmp_path / "imgs", {"test": 2}) / "test"
+    good = sorted(str(p) for p in folder.rglob("*.png"))
+    buf = tmp_path / "whole.jpg"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, quality=95)
+    (folder / "c1" / "truncated.jpg").write_bytes(buf.read_bytes()[: buf.stat().st_size // 2])
+    (folder / "c2" / "empty.png").write_bytes(b"")
+    done = _cli("--ckpt", m["best_checkpoint"], "--inputs", folder, "--out", tmp_path / "f.npz", cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    unreadable = sorted(line.split(": ")[1] for line in done.stderr.splitlines() if line.startswith("unreadable: "))
+    assert unreadable == [str(folder / "c1" / "truncated.jpg"), str(folder / "c2" / "empty.png")]
+    d = np.load(tmp_path / "f.npz")
+    assert sorted(d["paths"]) == good and d["features"].shape[0] == 6 and "6 images embedded" in done.stdout
+    assert [int(v) for v in d["labels"]] == [int(p.split("/")[-2][1]) for p in d["paths"]]
+    sd = torch.load(m["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    probs = (torch.from_numpy(d["features"]) @ sd["model.fc.weight"].T + sd["model.fc.bias"]).softmax(-1)
+    rows = visionft.load(m["best_checkpoint"]).predict(list(d["paths"]), topk=1)  # each row is its own file's
+    assert np.allclose(probs.max(1).values.numpy(), [r["prob_1"] for r in rows], atol=1e-5)
+
+
+def test_embed_with_no_readable_image_is_one_error(run, tmp_path):
+    from visionft.embed import embed_command
+    from visionft.errors import UsageError
+
+    cfg, m = run
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"none of the 1 images could be read \(first: .*a.png: empty file"):
+        embed_command(str(tmp_path / "f.npz"), [str(tmp_path / "in")], ckpt=m["best_checkpoint"])
+    assert not (tmp_path / "f.npz").exists()

@@ -86,9 +86,11 @@ def test_export_refuses_a_crafted_checkpoint_path_without_opening_it(ckpt, tmp_p
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("kwargs, bad", [({"pretrained_cfg_overlay": {"file": "/etc/hostname"}}, "pretrained_cfg_overlay"),
-                                         ({"drop_rate": 0.0, "cache_dir": "/tmp"}, "cache_dir"),
-                                         ({"pretrained": True}, "pretrained")])
+@pytest.mark.parametrize("kwargs, bad", [
+    ({"pretrained_cfg_overlay": {"file": "/etc/hostname"}}, "pretrained_cfg_overlay"),
+    ({"drop_rate": 0.0, "cache_dir": "/tmp"}, "cache_dir"),
+    ({"pretrained": True}, "pretrained"),
+])
 def test_export_refuses_model_kwargs_that_are_no_architecture_argument(ckpt, tmp_path, capsys, kwargs, bad):
     from visionft.cli import run
 

@@ -20,19 +20,11 @@ from omegaconf import DictConfig
 os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
 os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What the CLI reports as one line, exit 2: mistakes in what was asked (never a library's own ValueError)."""
-    from visionft.callbacks import NonFiniteLoss
-    from visionft.checkpoints import DiskFull
-    from visionft.errors import UsageError
-    from visionft.weights import WeightsUnavailable
-
-    return (UsageError, FileNotFoundError, WeightsUnavailable, NonFiniteLoss, DiskFull)
-
 
 @hydra.main(config_path="pkg://visionft.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from visionft.callbacks import Interrupted
+    from visionft.errors import user_errors
     from visionft.logs import single_console_handler
     from visionft.train import ExportFailed, train
 
@@ -51,14 +43,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except InstantiationException as e:  # a constructor refused its options: show its own message
         cause = e.__cause__
-        if full or not isinstance(cause, _user_errors()):  # a real bug keeps its traceback
+        if full or not isinstance(cause, user_errors()):  # a real bug keeps its traceback
             raise
         print(f"error: {str(cause).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:  # preemption or Ctrl+C: the checkpoint is saved, the exit code says which signal
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except _user_errors() as e:
+    except user_errors() as e:
         if full:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -9,8 +9,8 @@ import os
 import sys
 
 from visionft.cache_cli import cache_main
-from visionft.errors import UsageError
-from visionft.export import FORMATS, ExportCheckFailed
+from visionft.errors import user_errors
+from visionft.export import FORMATS
 
 
 def export_main(argv: list[str]) -> int:
@@ -65,6 +65,8 @@ def embed_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     done = embed_command(a.out, a.inputs, a.data, a.split, a.ckpt, a.backbone, a.batch_size, a.overrides, a.device)
     print(f"{done['images']} images embedded ({done['dim']} features each), written to {done['out']}")
+    for path, why in done["failed"]:
+        print(f"unreadable: {path}: {why}", file=sys.stderr)
     return 0
 
 
@@ -96,7 +98,7 @@ def run(command: str, argv: list[str]) -> int:
     quiet_third_party()
     try:
         return COMMANDS[command](argv)
-    except (FileNotFoundError, UsageError, ExportCheckFailed) as e:
+    except user_errors() as e:  # the training entry point's set: one line, exit 2
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -44,20 +44,29 @@ def model_and_preprocessing(ckpt: str | None, backbone: str | None, image_size: 
 
 
 class _Files(torch.utils.data.Dataset):
+    """Image files, read as evaluation reads them. An unreadable file is recorded in ``failed`` (index -> reason)
+    and yields a blank image, whose row the caller drops: read it in this process (no loader workers)."""
+
     def __init__(self, paths: list[Path], labels: list[int], prep: dict) -> None:
         from datamodules.transforms import eval_transform
 
-        self.paths, self.labels = paths, labels
+        self.paths, self.labels, self.size = paths, labels, prep["size"]
         self.transform = eval_transform(prep["size"], prep["interpolation"], prep["crop_pct"])
+        self.failed: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from datamodules.images import read_rgb
+        from datamodules.images import BadImage, read_rgb
         from datamodules.transforms import to_chw_uint8
 
-        return to_chw_uint8(self.transform(image=read_rgb(str(self.paths[i])))["image"]), self.labels[i]
+        try:
+            return to_chw_uint8(self.transform(image=read_rgb(str(self.paths[i])))["image"]), self.labels[i]
+        except BadImage as e:
+            self.failed[i] = str(e)
+            log.warning("skipped unreadable %s", self.paths[i])
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), self.labels[i]
 
 
 def folder_items(inputs: list[str]) -> tuple[list[Path], list[int], list[str]]:
@@ -142,9 +151,17 @@ def embed_command(out: str, inputs: list[str] | None = None, data: str | None = 
     else:
         dataset, paths, classes = dataset_items(data, split, list(overrides), prep, hparams)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0,
+                                         pin_memory=device.type == "cuda")
     mean = torch.tensor(prep["mean"], device=device).view(1, -1, 1, 1) * 255
     std = torch.tensor(prep["std"], device=device).view(1, -1, 1, 1) * 255
     feats, labels = embed(model.to(device), loader, lambda x: (x.float() - mean) / std, device, progress="embed")
-    write(Path(out), feats, labels, paths, classes)
-    return {"out": str(out), "images": len(paths), "dim": int(feats.shape[1]), "classes": classes}
+    failed = getattr(dataset, "failed", {})
+    if len(failed) == len(paths):
+        raise UsageError(f"none of the {len(paths)} images could be read (first: {paths[0]}: {failed[0]}): "
+                         f"pass image files PIL can open")
+    keep = [i for i in range(len(paths)) if i not in failed]
+    feats, labels, kept = feats[keep], labels[keep], [paths[i] for i in keep]
+    write(Path(out), feats, labels, kept, classes)
+    return {"out": str(out), "images": len(kept), "dim": int(feats.shape[1]), "classes": classes,
+            "failed": [(paths[i], why) for i, why in sorted(failed.items())]}

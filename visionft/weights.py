@@ -19,8 +19,9 @@ from torch import nn
 from visionft.errors import UsageError
 
 
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights cannot be had here; the message names the backbone and the fixes."""
+class WeightsUnavailable(UsageError):
+    """Pretrained weights cannot be had here; the message names the backbone and the fixes (a user error: one line,
+    exit 2)."""
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
