@@ -32,6 +32,15 @@ CASES = {
     "lr <= 0": (["strategy=lora", "strategy.lr=-1e-3"], "strategy.lr=-0.001 must be > 0"),
     "batch size": (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
     "unwritable output dir": (["paths.output_dir=/proc/visionft"], "paths.output_dir=/proc/visionft cannot be written"),
+    "max_epochs < 1": (["trainer.max_epochs=-5"], "trainer.max_epochs=-5 must be an integer >= 1"),
+    "image_size < 0": (["data.image_size=-3"], "data.image_size=-3 must be an integer >= 1"),
+    "image_size 0": (["data.image_size=0"], "data.image_size=0 must be an integer >= 1"),
+    "unknown precision": (["trainer.precision=bogus"], "trainer.precision=bogus must be one of auto, 32-true, "),
+    "label_smoothing > 1": (["loss.label_smoothing=2"], "loss.label_smoothing=2 must be in [0, 1)"),
+    "lr inf": (["strategy.lr=inf"], "strategy.lr=inf must be > 0 and finite"),
+    "lr overflows to inf": (["strategy.lr=1e400"], "strategy.lr=inf must be > 0 and finite"),
+    "fraction": (["data.test_fraction=1.5"], "data.test_fraction=1.5 must be in [0, 1)"),
+    "every value of a sweep": (["-m", "data.per_class=4,0"], "data.per_class=0 must be an integer >= 1"),
 }
 
 
@@ -39,11 +48,14 @@ CASES = {
 def test_command_line_mistakes_are_one_line_before_any_model(case, tmp_path):
     args, expected = CASES[case]
     r = _cli([*args, *(["paths.output_dir=" + str(tmp_path / "run")] if "output_dir" not in " ".join(args) else [])],
-             tmp_path)
-    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
-    assert "Traceback" not in r.stderr and "backbone tf_" not in r.stdout + r.stderr  # no model was built
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
+             tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})  # Python lists every module it imports
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    stderr = "\n".join(line for line in r.stderr.splitlines() if not line.startswith("import time:"))
+    assert r.returncode == 2, (r.returncode, stderr[-1500:])
+    assert "Traceback" not in stderr and "backbone tf_" not in r.stdout + stderr  # no model was built
+    assert "hydra" in imported and not {"torch", "lightning", "timm"} & imported  # nor anything heavy imported
+    assert stderr.strip().count("\n") == 0, stderr  # one line
+    assert stderr.startswith("error: ") and expected in stderr, stderr
 
 
 def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
@@ -129,3 +141,46 @@ def test_training_settings_that_change_the_run_count_as_changes():
     now = {"trainer": {"precision": "bf16-mixed", "accumulate_grad_batches": 2, "max_epochs": 20}, "seed": 1}
     changes = config_changes(stored, now)
     assert changes == ["trainer.accumulate_grad_batches: 1 -> 2", "trainer.precision: '32-true' -> 'bf16-mixed'"]
+
+
+def test_embed_offline_without_local_weights_is_one_line(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (40, 40), (90, 120, 30)).save(tmp_path / "in" / "a.png")
+    empty_cache = tmp_path / "hub"  # no weights cached here, whatever this machine has downloaded
+    r = _cli(["embed", "--backbone", "resnet18.a1_in1k", "--inputs", str(tmp_path / "in"), "--out",
+              str(tmp_path / "f.npz")], tmp_path, env={"HF_HUB_CACHE": str(empty_cache)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no pretrained weights for backbone 'resnet18.a1_in1k'")
+    assert "backbone.pretrained=false" in lines[0] and not (tmp_path / "f.npz").exists()
+
+
+def _user_error_cases():
+    import errno
+
+    from datamodules.images import BadImage
+    from visionft.callbacks import NonFiniteLoss
+    from visionft.checkpoints import DiskFull
+    from visionft.weights import WeightsUnavailable
+
+    return [WeightsUnavailable("no pretrained weights for backbone 'x'"), NonFiniteLoss("training diverged"),
+            DiskFull(errno.ENOSPC, "no space left on the device writing model.pt"), BadImage("empty file (0 bytes)")]
+
+
+@pytest.mark.parametrize("command", ["export", "predict", "embed", "report"])
+def test_every_command_reports_the_training_entry_points_user_errors_as_one_line(command, monkeypatch, capsys):
+    """The subcommands catch what training catches (WeightsUnavailable, NonFiniteLoss, DiskFull, a bad image);
+    a real bug still raises."""
+    from visionft import cli
+
+    for error in _user_error_cases():
+        def fail(argv, error=error):
+            raise error
+        monkeypatch.setitem(cli.COMMANDS, command, fail)
+        assert cli.run(command, []) == 2, type(error).__name__
+        assert capsys.readouterr().err == f"error: {error}\n"
+    monkeypatch.setitem(cli.COMMANDS, command, lambda argv: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.run(command, [])

@@ -1,10 +1,12 @@
 """The command line checked before Hydra runs anything, so that a typo costs one line and no model is built:
 unknown group options (listing the valid ones), unknown keys (suggesting the closest existing keys), values of the
-wrong type (against the composed default), and an output folder that cannot be written. ``HYDRA_FULL_ERROR=1``
-skips these checks and shows Hydra's own report."""
+wrong type (against the composed default), values out of range or not among the known choices (``RULES``, every
+value of a sweep too), and an output folder that cannot be written. Nothing heavy (torch, Lightning, timm) is
+imported. ``HYDRA_FULL_ERROR=1`` skips these checks and shows Hydra's own report."""
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -90,6 +92,87 @@ def _type_error(key: str, default, value, raw: str) -> str | None:
     return f"{raw} must be {expected.__name__} (the default is {default!r})"
 
 
+def _count(least: int = 1, null: bool = False):
+    return lambda v: (v is None and null) or (isinstance(v, int) and not isinstance(v, bool) and v >= least)
+
+
+def _real(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False, null: bool = False):
+    def ok(v) -> bool:
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            return v is None and null
+        return math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    return ok
+
+
+def _one_of(*choices):
+    return lambda v: any(v == c and type(v) is type(c) for c in choices)
+
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16")  # Lightning's, and its short forms 32, 16, 64, bf16
+# key: (accepts the composed value, what it must be); a key absent from the config is not checked
+RULES = {
+    "data.batch_size": (_count(), "an integer >= 1"),
+    "data.eval_batch_size": (_count(null=True), "an integer >= 1 (or null: 2 x batch_size)"),
+    "data.num_workers": (_count(0), "an integer >= 0"),
+    "data.per_class": (_count(null=True), "an integer >= 1 (images per class), or null for all"),
+    "data.image_size": (_count(null=True), "an integer >= 1 (pixels), or null for the backbone's input size"),
+    "backbone.image_size": (_count(null=True), "an integer >= 1 (pixels), or null for its pretrained input size"),
+    "data.train_size": (_count(), "an integer >= 1"),
+    "data.test_size": (_count(), "an integer >= 1"),
+    "data.val_fraction": (_real(0, 1, True, True), "in (0, 1)"),
+    "data.test_fraction": (_real(0, 1, False, True), "in [0, 1) (0: no test split)"),
+    "data.test_from": (_one_of("train", "val"), "train or val (the split a missing test split is carved from)"),
+    "data.resident": (_one_of("auto", True, False, "true", "false"), "auto, true or false"),
+    "trainer.max_epochs": (_count(), "an integer >= 1"),
+    "trainer.accumulate_grad_batches": (_count(), "an integer >= 1"),
+    "trainer.log_every_n_steps": (_count(), "an integer >= 1"),
+    "trainer.gradient_clip_val": (_real(0, null=True), "a number >= 0, or null for no clipping"),
+    "trainer.precision": (_one_of(*PRECISIONS, 32, 16, 64, "32", "16", "64", "bf16"),
+                          f"one of {', '.join(PRECISIONS)}"),
+    "strategy.lr": (_real(0, low_open=True), "> 0 and finite (e.g. strategy.lr=5e-4)"),
+    "strategy.layer_decay": (_real(0, 1, low_open=True), "in (0, 1]; 1.0 turns it off"),
+    "strategy.bn": (_one_of("frozen", "train"), "frozen or train"),
+    "loss.label_smoothing": (_real(0, 1, high_open=True), "in [0, 1) (0: off)"),
+    "loss.mixup": (_real(0), "a number >= 0 (0: off)"),
+    "loss.cutmix": (_real(0), "a number >= 0 (0: off)"),
+    "optimizer.weight_decay": (_real(0), "a number >= 0"),
+    "scheduler.warmup_epochs": (_real(0), "a number >= 0 (epochs)"),
+    "scheduler.min_lr_ratio": (_real(0, 1), "in [0, 1]"),
+    "backbone.head_init": (_one_of("zero", "timm"), "zero or timm"),
+    "callbacks.mode": (_one_of(None, "min", "max"), "min or max (or null: min for a loss, max otherwise)"),
+    "resume_changes": (_one_of("refuse", "allow"), "refuse or allow"),
+}
+
+
+def out_of_range(key: str, value) -> str | None:
+    """The one line saying that ``value`` is not a valid ``key``; None when it is (or the key has no rule)."""
+    rule = RULES.get(key)
+    if rule is None or rule[0](value):
+        return None
+    return f"{key}={value} must be {rule[1]}"
+
+
+def _range_problem(overrides: list[str], cfg: DictConfig) -> str | None:
+    """The first value out of range: every value of a sweep over a key, then the composed config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override() and o.is_discrete_sweep() and o.get_key_element().lstrip("+~") in RULES:
+            for value in o.sweep_iterator():
+                if problem := out_of_range(o.get_key_element().lstrip("+~"), value):
+                    return problem
+    absent = object()
+    for key in RULES:
+        try:
+            value = OmegaConf.select(cfg, key, default=absent)
+        except Exception:  # noqa: BLE001 - an interpolation that cannot be resolved here: the run reports it
+            continue
+        if value is not absent and (problem := out_of_range(key, value)):
+            return problem
+    return None
+
+
 def _unwritable(path: str | None) -> str | None:
     """Create the output folder (the run would) and a file in it; the reason when that fails."""
     import tempfile
@@ -121,6 +204,7 @@ def _check(overrides: list[str], config_dir: str | None) -> str | None:
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     overrides = [o for o in overrides if not o.startswith("hydra") or o.startswith("hydra.searchpath")]
+    swept = overrides
     try:
         overrides, problem = _first_values(overrides, config_dir)
     except Exception:  # noqa: BLE001 - not Hydra's override grammar: Hydra reports it
@@ -155,4 +239,5 @@ def _check(overrides: list[str], config_dir: str | None) -> str | None:
                                   OmegaConf.select(cfg, key, throw_on_resolution_failure=False), raw)
             if problem:
                 return problem
-    return _unwritable(OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False))
+    return _range_problem(swept, cfg) or _unwritable(OmegaConf.select(cfg, "paths.output_dir",
+                                                                       throw_on_resolution_failure=False))
