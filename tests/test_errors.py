@@ -184,3 +184,26 @@ def test_every_command_reports_the_training_entry_points_user_errors_as_one_line
     monkeypatch.setitem(cli.COMMANDS, command, lambda argv: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.run(command, [])
+
+
+def test_the_precisions_preflight_accepts_are_lightnings():
+    import warnings
+
+    import lightning as L
+
+    from visionft.preflight import PRECISIONS, out_of_range
+
+    def lightning_accepts(p) -> bool:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                L.Trainer(precision=p, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+        except ModuleNotFoundError:  # transformer-engine: a valid value whose package is not installed here
+            return True
+        except ValueError:
+            return False
+        return True
+
+    for p in [*PRECISIONS[1:], 32, 16, 64, "32", "bf16", "bogus", "bf16-mix", 8, "8-true"]:
+        assert (out_of_range("trainer.precision", p) is None) == lightning_accepts(p), p
+    assert out_of_range("trainer.precision", "auto") is None  # visionft's own: bf16-mixed where supported, else 32
