@@ -43,3 +43,55 @@ def test_knn_skips_k_above_the_bank_and_says_so(caplog):
         out = knn_accuracies(bank, {"train": bank, "val": val}, 4, ks=(10, 20, 100, 196, 200, 500))
     assert set(out) == {"k=10", "k=20", "k=100", "k=196"} and set(out["k=196"]) == {"val"}
     assert "kNN k=200,500 skipped: the bank holds 196 training images" in caplog.text
+
+
+def test_learning_rate_is_logged_in_every_epoch_of_a_small_run(tiny_cfg, tmp_path):
+    """80 synthetic images less 10% val: 72 training images, batch 16 (last partial batch dropped): 4 batches, 2
+    optimizer steps per epoch with accumulate_grad_batches=2, fewer than log_every_n_steps=10. The CSV logger's
+    metrics.csv still holds a learning rate in each of the 3 epochs (the epoch of a step: step // 2)."""
+    import csv
+
+    from visionft.train import train
+
+    out = tmp_path / "run"
+    train(tiny_cfg("strategy=full", "trainer.max_epochs=3", "trainer.log_every_n_steps=10",
+                   "trainer.accumulate_grad_batches=2", "data.train_size=80", output_dir=out))
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    lr_steps = {int(r["step"]) for r in rows if any(v for k, v in r.items() if k.startswith("lr-"))}
+    assert {s // 2 for s in lr_steps} == {0, 1, 2}, sorted(lr_steps)
+
+
+def test_sigterm_saves_the_full_state_without_lightnings_weights_only_notice(tiny_cfg, tmp_path):
+    """SIGTERM mid-fit: last.ckpt holds the optimizer and loop state (what resume=true needs), is read back by
+    torch.load(weights_only=True), and Lightning's "`weights_only` was not set, defaulting to `False`" is not logged."""
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from visionft.train import build_trainer
+
+    class Term(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                raise SIGTERMException
+
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level, lightning_log.level = lightning_log.level, logging.DEBUG
+    lightning_log.addHandler(handler)
+    try:
+        cfg = tiny_cfg(output_dir=tmp_path / "run")
+        dm, _, module = build(cfg)
+        trainer, _, _ = build_trainer(cfg, tmp_path / "run")
+        trainer.callbacks.append(Term())
+        with pytest.raises(SIGTERMException):
+            trainer.fit(module, datamodule=dm)
+    finally:
+        lightning_log.removeHandler(handler)
+        lightning_log.setLevel(level)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["optimizer_states"] and ckpt["loops"]
+    assert not [r for r in records if "weights_only" in r.getMessage()], [r.getMessage() for r in records]

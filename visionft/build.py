@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import (
 )
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from visionft.callbacks import NanGuard, Preemption, ResumeState, TrainThroughput
+from visionft.callbacks import LogEveryEpoch, NanGuard, Preemption, ResumeState, TrainThroughput
 from visionft.checkpoints import AtomicCheckpointIO
 from visionft.errors import UsageError
 from visionft.loggers import ResumableCSVLogger
@@ -102,7 +102,8 @@ def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoin
     for lg in loggers:  # a resumed run continues its CSV history
         if isinstance(lg, ResumableCSVLogger):
             lg.append = bool(cfg.resume or cfg.ckpt_path)
-    trainer = L.Trainer(default_root_dir=out, callbacks=[*callbacks, speed, NanGuard(), Preemption(), ResumeState()],
+    trainer = L.Trainer(default_root_dir=out, callbacks=[*callbacks, speed, NanGuard(), Preemption(), ResumeState(),
+                                                        LogEveryEpoch()],
                         logger=loggers or False, deterministic=bool(cfg.deterministic),
                         plugins=[AtomicCheckpointIO(), *kwargs.pop("plugins", [])], **kwargs)
     return trainer, best, speed

@@ -1,5 +1,6 @@
 """Small callbacks: training throughput (images/s over training batches only), a divergence guard, preemption
-(SIGTERM, Ctrl+C) turned into a resumable checkpoint, and Lightning's EMA restricted to floating-point tensors."""
+(SIGTERM, Ctrl+C) turned into a resumable checkpoint, Lightning's EMA restricted to floating-point tensors, and a
+logging cadence that reaches every epoch."""
 from __future__ import annotations
 
 import math
@@ -74,6 +75,23 @@ class TrainThroughput(L.Callback):
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+
+class LogEveryEpoch(L.Callback):
+    """``trainer.log_every_n_steps`` capped at the optimizer steps of one epoch (training batches over
+    ``accumulate_grad_batches``, rounded up), so that step-wise logs such as the learning rate (LearningRateMonitor)
+    reach the loggers in every epoch however small the data."""
+
+    def __init__(self) -> None:
+        self.configured: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:  # the training loader's length is known here
+        if self.configured is None:
+            self.configured = trainer.log_every_n_steps
+        batches = trainer.num_training_batches
+        if self.configured and 0 < batches < math.inf:
+            steps = math.ceil(batches / trainer.accumulate_grad_batches)
+            trainer.log_every_n_steps = max(1, min(self.configured, steps))
 
 
 class NanGuard(L.Callback):
@@ -190,7 +208,10 @@ class Preemption(L.Callback):
         self._restore()
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-            trainer.save_checkpoint(path)
+            # the full training state (optimizer, loops, callbacks), which resume=true needs. Safe to read back: it
+            # holds tensors and plain containers only, and visionft loads every checkpoint weights-only
+            # (visionft.checkpoints.AtomicCheckpointIO)
+            trainer.save_checkpoint(path, weights_only=False)
             self.saved = path
 
 
