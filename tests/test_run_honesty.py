@@ -95,3 +95,41 @@ def test_sigterm_saves_the_full_state_without_lightnings_weights_only_notice(tin
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["optimizer_states"] and ckpt["loops"]
     assert not [r for r in records if "weights_only" in r.getMessage()], [r.getMessage() for r in records]
+
+
+@pytest.mark.parametrize("flags, warned", [({"architecture": "x86_64", "avx2": True}, True),
+                                           ({"architecture": "x86_64", "avx2": True, "avx512_bf16": True}, False),
+                                           ({"architecture": "aarch64", "neon": True, "bf16": True}, False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_one_warning(tiny_cfg, tmp_path, monkeypatch, caplog, flags,
+                                                                  warned):
+    """trainer.precision=bf16-mixed on the CPU: one line naming the fix when torch reports no bfloat16 instructions
+    (an AVX2-only x86 CPU), none when it reports AVX512-BF16 (x86) or BF16 (ARM)."""
+    import logging
+
+    from visionft.build import build_trainer
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    with caplog.at_level(logging.WARNING, logger="visionft.build"):
+        build_trainer(tiny_cfg("trainer.precision=bf16-mixed", output_dir=tmp_path / "run"), tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if "bf16" in r.getMessage()]
+    assert len(lines) == warned and all("use trainer.precision=32-true" in line for line in lines)
+
+
+def test_bf16_warning_on_this_cpu_follows_its_cpuinfo_flags(tiny_cfg, tmp_path, caplog):
+    """On this machine: the warning appears exactly when /proc/cpuinfo lists no bfloat16 instruction set (the
+    kernel's word, independent of torch's detection), and 32-true never warns."""
+    import logging
+    from pathlib import Path
+
+    from visionft.build import build_trainer
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(" ".join(line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features")))
+                .split())
+    has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16", "bf16", "svebf16"})
+    with caplog.at_level(logging.WARNING, logger="visionft.build"):
+        build_trainer(tiny_cfg("trainer.precision=bf16-mixed", output_dir=tmp_path / "a"), tmp_path / "a")
+        build_trainer(tiny_cfg("trainer.precision=32-true", output_dir=tmp_path / "b"), tmp_path / "b")
+    assert sum("runs emulated" in r.getMessage() for r in caplog.records) == (not has_bf16)

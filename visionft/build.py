@@ -3,6 +3,7 @@ with Hydra's ``instantiate``, in plain view (data, strategy, backbone, optimizer
 loggers), and wired into a ``TransferModule`` and a Lightning ``Trainer``."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
@@ -22,13 +24,31 @@ from visionft.checkpoints import AtomicCheckpointIO
 from visionft.errors import UsageError
 from visionft.loggers import ResumableCSVLogger
 from visionft.module import TrainOptions, TransferModule
+from visionft.weights import resolve as resolve_weights
 
+log = logging.getLogger(__name__)
 # loggers whose library is an optional extra of visionft
 EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}
+# CPU instructions that compute in bfloat16 (torch.cpu.get_capabilities): x86 AVX512-BF16, AMX, AVX10; ARM BF16
+BF16_CPU = ("avx512_bf16", "amx_bf16", "avx10_1", "bf16", "sve_bf16")
 
 
 def auto_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def warn_emulated_bf16(trainer: L.Trainer) -> None:
+    """One line when a bf16 precision runs on a CPU that has no bfloat16 instructions: torch then emulates it,
+    several times slower than float32."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if "bf16" not in str(trainer.precision) or not isinstance(trainer.accelerator, CPUAccelerator) or not capabilities:
+        return
+    caps = capabilities()
+    if not any(caps.get(k) for k in BF16_CPU):
+        log.warning("trainer.precision=%s: this CPU (%s) has no bfloat16 instructions (torch.cpu.get_capabilities() "
+                    "lists none of %s), so bf16 runs emulated, several times slower than float32: use "
+                    "trainer.precision=32-true",
+                    trainer.precision, caps.get("cpu_name") or caps.get("architecture", "?"), ", ".join(BF16_CPU))
 
 
 def class_weights(spec, counts: np.ndarray) -> list[float] | None:
@@ -42,13 +62,16 @@ def class_weights(spec, counts: np.ndarray) -> list[float] | None:
 
 
 def build(cfg: DictConfig):
-    """Data, backbone, strategy and module from the config (no Trainer): for tests and tools."""
-    dm = instantiate(cfg.data)
+    """Data, backbone, strategy and module from the config (no Trainer): for tests and tools. Missing pretrained
+    weights are found before the data is read (scanning a folder can take minutes)."""
     strategy = instantiate(cfg.strategy)
     checkpoint = cfg.backbone.get("checkpoint")
     if checkpoint and not strategy.uses_pretrained:
         raise UsageError(f"strategy={strategy.name.lower()} trains from random init, but backbone.checkpoint={checkpoint} "
                          f"is set: drop backbone.checkpoint, or fine-tune it with strategy=full")
+    if cfg.backbone.pretrained and strategy.uses_pretrained and not checkpoint and cfg.backbone.get("name"):
+        resolve_weights(cfg.backbone.name)  # WeightsUnavailable (offline, none cached) in seconds
+    dm = instantiate(cfg.data)
     make_backbone = instantiate(cfg.backbone, _convert_="all")
     backbone = make_backbone(num_classes=dm.num_classes,
                              pretrained=bool(cfg.backbone.pretrained) and strategy.uses_pretrained,
@@ -106,4 +129,5 @@ def build_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoin
                                                         LogEveryEpoch()],
                         logger=loggers or False, deterministic=bool(cfg.deterministic),
                         plugins=[AtomicCheckpointIO(), *kwargs.pop("plugins", [])], **kwargs)
+    warn_emulated_bf16(trainer)
     return trainer, best, speed
