@@ -133,3 +133,21 @@ def test_bf16_warning_on_this_cpu_follows_its_cpuinfo_flags(tiny_cfg, tmp_path, 
         build_trainer(tiny_cfg("trainer.precision=bf16-mixed", output_dir=tmp_path / "a"), tmp_path / "a")
         build_trainer(tiny_cfg("trainer.precision=32-true", output_dir=tmp_path / "b"), tmp_path / "b")
     assert sum("runs emulated" in r.getMessage() for r in caplog.records) == (not has_bf16)
+
+
+@pytest.mark.parametrize("data", ["cifar10", "cifar100", "imagefolder"])
+@pytest.mark.parametrize("cpus, devices, expected", [(2, 1, 1), (3, 1, 2), (16, 1, 4), (8, 4, 1), (16, 2, 4)])
+def test_default_num_workers_follows_the_machine(monkeypatch, data, cpus, devices, expected):
+    """data.num_workers defaults to 4, or to what Lightning suggests for the machine when that is fewer (its own
+    suggested_max_num_workers: CPUs this process may use // processes per machine - 1): on 2 cores, 1 worker, so
+    neither PyTorch's "more workers than CPUs" nor Lightning's "few workers" warning applies. A set value stays."""
+    import os
+
+    from lightning.fabric.utilities import suggested_max_num_workers
+
+    from conftest import compose_cfg
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    cfg = compose_cfg([f"data={data}", f"trainer.devices={devices}"])
+    assert cfg.data.num_workers == min(4, suggested_max_num_workers(devices)) == expected
+    assert compose_cfg([f"data={data}", "data.num_workers=3"]).data.num_workers == 3
