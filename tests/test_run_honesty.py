@@ -151,3 +151,45 @@ def test_default_num_workers_follows_the_machine(monkeypatch, data, cpus, device
     cfg = compose_cfg([f"data={data}", f"trainer.devices={devices}"])
     assert cfg.data.num_workers == min(4, suggested_max_num_workers(devices)) == expected
     assert compose_cfg([f"data={data}", "data.num_workers=3"]).data.num_workers == 3
+
+
+def test_param_group_table_is_printed_once_then_only_what_changed(tiny_cfg, tmp_path):
+    """Gradual unfreezing over 3 epochs: the full table (every depth group) at epoch 0, then at each unfreeze only the
+    rows of the groups whose parameters started to train, as observed through requires_grad during training."""
+    import logging
+
+    import lightning as L
+
+    from visionft.train import build_trainer
+
+    class Trains(L.Callback):  # the depth groups with a parameter that trains, per epoch
+        def __init__(self):
+            self.depths = {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.depths[trainer.current_epoch] = {module.gates.depths[n] for n, p in module.model.named_parameters()
+                                                  if p.requires_grad}
+
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addHandler(handler)
+    try:
+        cfg = tiny_cfg("strategy=gradual_unfreeze", "trainer.max_epochs=3", "data.train_size=48",
+                       output_dir=tmp_path / "run")
+        dm, _, module = build(cfg)
+        trainer, _, _ = build_trainer(cfg, tmp_path / "run")
+        trains = Trains()
+        trainer.callbacks.append(trains)
+        trainer.fit(module, datamodule=dm)
+    finally:
+        rank_zero.removeHandler(handler)
+    tables = {}
+    for r in records:
+        if r.getMessage().startswith("param groups at epoch"):
+            lines = r.getMessage().splitlines()
+            tables[int(lines[0].split()[4])] = {int(line.split()[1]) for line in lines[3:]}  # rows' depth column
+    assert tables[0] == set(range(len(module.group_names)))
+    assert trains.depths[0] < trains.depths[1] < trains.depths[2]
+    assert tables[1] == trains.depths[1] - trains.depths[0] and tables[2] == trains.depths[2] - trains.depths[1]

@@ -105,14 +105,25 @@ class Gates:
                 "trainable": (not frozen) and self.is_open(depth, epoch), "bn": bn.get(depth, "-")}
 
 
+def table_change(before: list[dict], rows: list[dict]) -> str:
+    """The param groups whose training state (``trainable``, ``bn``) differs from ``before``, as a table under one
+    line with the count and the parameters that now train."""
+    was = {r["group"]: (r["trainable"], r["bn"]) for r in before}
+    changed = [r for r in rows if was.get(r["group"]) != (r["trainable"], r["bn"])]
+    trains, total = sum(r["params"] for r in rows if r["trainable"]), sum(r["params"] for r in rows)
+    head = f"{len(changed)} of {len(rows)} groups changed; {trains:,} of {total:,} parameters now train"
+    return head + (":\n" + group_table(changed) if changed else "")
+
+
 class GroupGates(L.Callback):
     """Applies ``module.gates`` at every training batch whose (epoch, open set) differs from what was applied, keeps
-    BatchNorm modes right at every batch, drops closed groups' gradients, and logs the param-group table once per
-    change of the open set."""
+    BatchNorm modes right at every batch, drops closed groups' gradients, and logs the param-group table: in full at
+    the first batch, then the groups that changed, once per change of the open set."""
 
     def __init__(self) -> None:
         self._applied: tuple | None = None
         self._logged: tuple | None = None
+        self._rows: list[dict] | None = None  # the table as last logged
         self._bn_modes: list = []  # (module, trains) as applied: re-asserted per batch without walking the model
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -124,9 +135,9 @@ class GroupGates(L.Callback):
             self._applied = key
             state = gates.open_set(epoch)
             if state != self._logged:
-                self._logged = state
-                rank_zero_info(f"param groups at epoch {epoch} ({gates.strategy.name}):\n"
-                               + group_table(module.param_group_rows()))
+                self._logged, before, self._rows = state, self._rows, module.param_group_rows()
+                rank_zero_info(f"param groups at epoch {epoch} ({gates.strategy.name}):" + (
+                    "\n" + group_table(self._rows) if before is None else " " + table_change(before, self._rows)))
         else:  # cheap: modes only (validation and .train() calls in between must not leave BatchNorm training)
             for m, trains in self._bn_modes:
                 if m.training is not trains:  # nn.Module.__setattr__ is slow: set only what changed
