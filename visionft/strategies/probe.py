@@ -36,9 +36,10 @@ class _ProbeOptions:
 class LinearProbe(_ProbeOptions, Strategy):
     """Frozen feature extractor, only the head trains; every backbone BatchNorm stays in eval mode.
 
-    ``solver=lbfgs`` (default): the head is the converged L2-regularized logistic regression on cached features, and
-    no gradient epoch runs; ``solver=adamw``: the head trains for ``trainer.max_epochs`` with the configured optimizer
-    on images re-embedded every epoch (train augmentation applies)."""
+    ``solver=lbfgs`` (default): the head is the converged L2-regularized logistic regression on cached features
+    (class-weighted by ``loss.class_weights``), and no gradient epoch runs; ``solver=adamw``: the head trains for
+    ``trainer.max_epochs`` with the configured optimizer on images re-embedded every epoch (train augmentation
+    applies)."""
 
     lr: float = 1e-2
     solver: str = "lbfgs"
