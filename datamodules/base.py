@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.splits import TEST_FROM, carve, per_class_subset, stratified_split  # noqa: F401  (re-exported)
 from datamodules.transforms import eval_transform, to_chw_uint8, train_transform
 from visionft.errors import UsageError
 
@@ -53,46 +53,17 @@ class _TransformDataset(Dataset):
         return to_chw_uint8(image), int(self.split.labels[i])
 
 
-def stratified_split(split: Split, fraction: float, seed: int, held: str = "held-out",
-                     classes: Sequence[str] | None = None) -> tuple[Split, Split]:
-    """Seeded, stratified (rest, held_out) split of ``fraction`` of the images. A class with a single image cannot
-    be split: it stays whole in ``rest`` (warned); every class keeps at least one image in ``rest``."""
-    counts = np.bincount(split.labels)
-    lone = np.flatnonzero(counts == 1)
-    if len(lone):
-        names = ", ".join(repr(classes[c]) if classes else str(c) for c in lone)
-        log.warning("class(es) %s have a single image: too few to split off a %s image, so it stays in training",
-                    names, held)
-    whole = np.isin(split.labels, lone)
-    index = np.flatnonzero(~whole)
-    if not len(index):
-        return split, split.subset(index)
-    labels = split.labels[index]
-    n_classes, n_held = len(np.unique(labels)), int(np.ceil(fraction * len(index)))
-    # stratify when every class fits on both sides; tiny splits fall back to a plain seeded split
-    stratify = labels if n_classes <= n_held <= len(index) - n_classes else None
-    rest, out = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
-    for c in np.setdiff1d(labels, split.labels[rest]):  # no class may lose all its training images
-        first = out[np.flatnonzero(split.labels[out] == c)[0]]
-        rest, out = np.append(rest, first), out[out != first]
-    return split.subset(np.sort(np.concatenate([rest, np.flatnonzero(whole)]))), split.subset(np.sort(out))
-
-
-def per_class_subset(split: Split, per_class: int, seed: int) -> Split:
-    """Seeded few-shot subset: ``per_class`` images of each class (all of a class that has fewer)."""
-    rng = np.random.default_rng(seed)
-    keep = [rng.permutation(np.flatnonzero(split.labels == c))[:per_class] for c in np.unique(split.labels)]
-    return split.subset(np.sort(np.concatenate(keep)))
-
-
-def _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_fraction, per_class) -> None:
+def _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_fraction, per_class,
+                  test_from="train") -> None:
     problems = [
         (not isinstance(batch_size, int) or batch_size < 1, f"data.batch_size={batch_size} must be an integer >= 1"),
         (eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1),
          f"data.eval_batch_size={eval_batch_size} must be an integer >= 1 (or null: 2 x batch_size)"),
         (not isinstance(num_workers, int) or num_workers < 0, f"data.num_workers={num_workers} must be >= 0"),
         (not 0 < val_fraction < 1, f"data.val_fraction={val_fraction} must be in (0, 1)"),
-        (not 0 < test_fraction < 1, f"data.test_fraction={test_fraction} must be in (0, 1)"),
+        (not 0 <= test_fraction < 1, f"data.test_fraction={test_fraction} must be in [0, 1) (0: no test split)"),
+        (test_from not in TEST_FROM, f"data.test_from={test_from!r} must be train or val (the split a missing test "
+                                     f"split is carved from)"),
         (per_class is not None and (not isinstance(per_class, int) or per_class < 1),
          f"data.per_class={per_class} must be an integer >= 1 (images per class), or null for all"),
     ]
@@ -103,8 +74,11 @@ def _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_f
 
 class ClassificationDataModule(L.LightningDataModule):
     """Base datamodule. Subclasses implement ``load_splits()`` returning ``(train, val, test, classes)`` where
-    val/test may be None: a missing test split is carved from train by ``test_fraction``, a missing val split by
-    ``val_fraction`` (both stratified and seeded), then ``per_class`` subsets the training split.
+    val/test may be None (and may name the splits they return in ``source_names``): a missing test split is carved
+    from train (``test_from=val``: from the val split the data ships) by ``test_fraction`` (0: no test split), a
+    missing val split from train by ``val_fraction`` (both stratified and seeded), then ``per_class`` subsets the
+    training split; val and test are evaluated in a seeded, class-interleaved order. ``split_origin`` says where each
+    split came from (``datamodules.splits``).
 
     Geometry (input size, interpolation, eval crop) comes from the backbone via ``configure()``; augmentation is
     the dataset's own (``augment`` block, see ``datamodules.transforms.train_transform``).
@@ -117,6 +91,7 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
+        test_from: str = "train",
         per_class: int | None = None,
         seed: int = 0,
         image_size: int | None = None,
@@ -127,14 +102,16 @@ class ClassificationDataModule(L.LightningDataModule):
         resident_max_mb: int = 2048,
     ) -> None:
         super().__init__()
-        _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_fraction, per_class)
+        _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_fraction, per_class, test_from)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.val_fraction, self.test_fraction, self.test_from = val_fraction, test_fraction, test_from
         self.per_class, self.seed = per_class, seed
         self.image_size, self.augment, self.eval_crop_pct = image_size, dict(augment or {}), eval_crop_pct
         self.interpolation = "bicubic"
         self.splits: dict[str, Split] | None = None
+        self.split_origin: dict[str, str] = {}  # split -> where its images came from (``datamodules.splits.carve``)
+        self.source_names = {s: f"the dataset's {s} split" for s in ("train", "val", "test")}  # load_splits names
         self.classes: list[str] = []
         if str(resident).lower() not in ("auto", "true", "false"):
             raise UsageError(f"data.resident={resident!r} must be auto, true or false")
@@ -161,13 +138,10 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         train, val, test, self.classes = self.load_splits()
-        if test is None:
-            train, test = stratified_split(train, self.test_fraction, self.seed, "test", self.classes)
-        if val is None:
-            train, val = stratified_split(train, self.val_fraction, self.seed + 1, "validation", self.classes)
-        if self.per_class:
-            train = per_class_subset(train, int(self.per_class), self.seed)
-        self.splits = {"train": train, "val": val, "test": test}
+        self.splits, self.split_origin = carve(
+            {"train": train, "val": val, "test": test}, self.source_names, self.classes,
+            val_fraction=self.val_fraction, test_fraction=self.test_fraction, test_from=self.test_from,
+            per_class=self.per_class, seed=self.seed)
 
     @property
     def num_classes(self) -> int:

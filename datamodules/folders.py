@@ -37,6 +37,14 @@ def find_splits(root: Path) -> dict[str, Path]:
     return layout
 
 
+def split_names(layout: dict[str, Path], root: Path) -> dict[str, str]:
+    """What each split is called in a run's record: its folder (``train/``, ``valid/``), or the data root for a flat
+    folder of class folders."""
+    if layout["train"] == root:
+        return {"train": f"{root} (class folders, no train/ folder)"}
+    return {s: f"{folder.name}/" for s, folder in layout.items()}
+
+
 def class_folders(folder: Path) -> list[str]:
     """The visible sub-folders of ``folder``, sorted; names that differ only in case are an error."""
     names = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))

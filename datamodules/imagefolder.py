@@ -49,6 +49,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         if not root.is_dir():
             raise FileNotFoundError(f"data.root={str(root)!r} does not exist: point data.root at an image folder")
         layout = folders.find_splits(root)
+        self.source_names = folders.split_names(layout, root)
         classes = folders.class_folders(layout["train"])
         for s, folder in layout.items():
             if s != "train":

@@ -23,6 +23,7 @@ from visionft.checkpoints import (
     save_weights,
 )
 from visionft.errors import UsageError
+from visionft.evaluated import evaluate
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
 from visionft.outputs import (  # noqa: F401
@@ -93,12 +94,6 @@ def load_final(trainer: L.Trainer, module: TransferModule, weights: str) -> None
         trainer.callbacks.remove(cb)
 
 
-def evaluate(trainer: L.Trainer, module: TransferModule, dm) -> tuple[dict, dict]:
-    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
-    test = trainer.test(module, datamodule=dm, verbose=False)[0] if dm.sizes()["test"] else {}
-    return val, test
-
-
 @dataclass
 class Parts:
     """The objects of one run."""
@@ -150,7 +145,7 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
         maybe_compile(module, dm)
     trainer, ckpt, speed = build_trainer(cfg, out)
     log.info("backbone %s (weights: %s), data %s: %s", backbone.name, backbone.weights, type(dm).__name__,
-             dm.sizes())
+             "; ".join(f"{s} {n:,} images ({dm.split_origin.get(s, '?')})" for s, n in dm.sizes().items()))
     return Parts(out, dm, backbone, module, trainer, ckpt, speed)
 
 
@@ -219,6 +214,7 @@ def record(p: Parts, final: str, probe: ProbeRun | None, start: float) -> dict:
         "weights": p.backbone.weights,
         "strategy": p.module.strategy.name,
         "data": p.dm.sizes(),
+        "split_origin": dict(p.dm.split_origin),
         **({"probe": probe.summary()} if probe is not None else {}),
         "precision": str(p.trainer.precision),
         "steps_per_epoch": clock.steps_per_epoch if clock is not None else None,
@@ -252,7 +248,8 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
         val, test = evaluate_features(p.trainer, p.module, probe)
         predicted = feature_probs(p.module, probe.features["test"]) if "test" in probe.features else None
     p.predicted = predicted
-    metrics.update(val={k: float(v) for k, v in val.items()}, test={k: float(v) for k, v in test.items()})
+    number = lambda v: v if isinstance(v, int) else float(v)  # noqa: E731  (image counts stay integers)
+    metrics.update(val={k: number(v) for k, v in val.items()}, test={k: number(v) for k, v in test.items()})
     if probe is not None:
         metrics["probe"]["knn"] = knn_accuracies(probe.knn_bank(), probe.features, p.dm.num_classes)
     return final
@@ -317,4 +314,5 @@ def evaluate_features(trainer: L.Trainer, module: TransferModule, probe: ProbeRu
     for logger in trainer.loggers:
         logger.log_metrics({**val, **test}, step=0)
         logger.save()
-    return val, test
+    images = {s: {f"{s}/images": len(probe.features[s].y)} if s in probe.features else {} for s in ("val", "test")}
+    return val | images["val"], test | images["test"]

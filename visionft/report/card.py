@@ -50,13 +50,42 @@ def command(run: Path, metrics: dict) -> str:
     return " ".join(["python -m visionft", *(shlex.quote(o) for o in run_keys)])
 
 
+def evaluated_on(metrics: dict, split: str, cfg: dict | None = None) -> str:
+    """What the split's numbers were computed on: ``"40 of the 200 test images (a partial evaluation:
+    trainer.limit_test_batches=0.2); the split: carved from train/: 20%, stratified, seed 0"``."""
+    size = (metrics.get("data") or {}).get(split)
+    used = (metrics.get(split) or {}).get(f"{split}/images", size)
+    origin = (metrics.get("split_origin") or {}).get(split)
+    if used is None:
+        text = f"the {split} split"
+    elif size is not None and used < size:
+        limit = ((cfg or {}).get("trainer") or {}).get(f"limit_{split}_batches")
+        text = (f"{used:,} of the {size:,} {split} images (a partial evaluation: trainer.limit_{split}_batches"
+                f"{f'={limit}' if limit is not None else ''})")
+    else:
+        text = f"{used:,} {split} images"
+    return f"{text}; the split: {origin}" if origin else text
+
+
+def _headline(cfg: dict, metrics: dict) -> str:
+    test, val = metrics.get("test") or {}, metrics.get("val") or {}
+    if "test/acc" in test:
+        return (f"Test accuracy **{test['test/acc']:.4f}**, macro-F1 {test.get('test/f1_macro', float('nan')):.4f} "
+                f"on {evaluated_on(metrics, 'test', cfg)}.")
+    if (metrics.get("data") or {}).get("test") == 0 and "val/acc" in val:
+        return (f"No separate test set. Validation accuracy **{val['val/acc']:.4f}**, macro-F1 "
+                f"{val.get('val/f1_macro', float('nan')):.4f} on {evaluated_on(metrics, 'val', cfg)}. Model selection "
+                f"(best checkpoint, probe L2, WiSE-FT alpha) also uses val, so this is not an independent estimate.")
+    return "No test metrics on record."
+
+
 def _data(cfg: dict, metrics: dict) -> list[str]:
     d = cfg.get("data", {})
-    sizes = metrics.get("data", {})
-    opts = {k: d[k] for k in ("root", "per_class", "val_fraction", "test_fraction", "image_size", "augment", "seed")
-            if d.get(k) is not None}
-    return [f"- datamodule: `{d.get('_target_', '?')}`",
-            f"- splits: {', '.join(f'{k} {v:,}' for k, v in sizes.items())} images",
+    sizes, origin = metrics.get("data", {}), metrics.get("split_origin") or {}
+    opts = {k: d[k] for k in ("root", "per_class", "val_fraction", "test_fraction", "test_from", "image_size",
+                              "augment", "seed") if d.get(k) is not None}
+    return [f"- datamodule: `{d.get('_target_', '?')}`", "- splits:",
+            *(f"  - {k}: {v:,} images{f' ({origin[k]})' if k in origin else ''}" for k, v in sizes.items()),
             *(f"- `data.{k}`: {v}" for k, v in opts.items())]
 
 
@@ -82,10 +111,14 @@ def _model(cfg: dict, metrics: dict) -> list[str]:
     return lines
 
 
-def _metrics(metrics: dict) -> list[str]:
+def _metrics(cfg: dict, metrics: dict) -> list[str]:
     rows = [{"metric": k.split("/", 1)[1], "val": metrics.get("val", {}).get(k),
-             "test": metrics.get("test", {}).get(k.replace("val/", "test/"))} for k in metrics.get("val", {})]
+             "test": metrics.get("test", {}).get(k.replace("val/", "test/"))}
+            for k in metrics.get("val", {}) if not k.endswith("/images")]
     lines = [_md(pd.DataFrame(rows).fillna("-"))] if rows else ["(no evaluation on record)"]
+    if rows:
+        lines += ["", *(f"- {s}: computed on {evaluated_on(metrics, s, cfg)}" for s in ("val", "test")
+                        if metrics.get(s))]
     if "wise" in metrics:
         lines.append(f"\nWiSE-FT: alpha {metrics['wise']['alpha']:g} chosen on val (curve: `wise/alpha_curve.png`)")
     if "probe" in metrics and metrics["probe"].get("knn"):
@@ -96,15 +129,11 @@ def _metrics(metrics: dict) -> list[str]:
 def model_card(run: Path, metrics: dict, per_class: pd.DataFrame | None, figures: list[Path], notes: dict) -> str:
     cfg_path = run / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    test = metrics.get("test", {})
     head = f"# {metrics.get('strategy')} on {metrics.get('backbone')}"
-    summary = (f"Test accuracy **{test['test/acc']:.4f}**, macro-F1 {test.get('test/f1_macro', float('nan')):.4f} "
-               f"on {metrics.get('data', {}).get('test', 0):,} test images." if "test/acc" in test
-               else "No test metrics on record.")
-    parts = [head, "", summary, "", "## Data", *_data(cfg, metrics), "", "## Model and strategy", *_model(cfg, metrics),
-             "", "## Metrics", *_metrics(metrics)]
+    parts = [head, "", _headline(cfg, metrics), "", "## Data", *_data(cfg, metrics), "", "## Model and strategy",
+             *_model(cfg, metrics), "", "## Metrics", *_metrics(cfg, metrics)]
     if per_class is not None:
-        parts += ["", "### Per class (test)", "", _md(per_class)]
+        parts += ["", f"### Per class (test: {evaluated_on(metrics, 'test', cfg).split(';')[0]})", "", _md(per_class)]
     parts += ["", "## Figures", *(f"![{p.stem}]({p.as_posix()})" for p in figures if p.suffix == ".png")]
     parts += [f"- {why}" for why in notes.values()]
     parts += ["", "## Reproduce", "", "```", command(run, metrics), "```", "",
