@@ -187,7 +187,7 @@ class TransferModule(L.LightningModule):
         return logits  # for callbacks (the report's test predictions); Lightning keeps nothing of it
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_metrics, "val")
+        return self._eval_step(batch, self.val_metrics, "val")
 
     def test_step(self, batch, batch_idx):
         return self._eval_step(batch, self.test_metrics, "test")

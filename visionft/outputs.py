@@ -66,8 +66,17 @@ def summary(m: dict, out: Path) -> str:
     t, alone = m[split], " (no separate test set: data.test_fraction=0)" if split == "val" else ""
     return (f"\n{m['strategy']} on {m['backbone']} ({m['weights']}): {split} acc "
             f"{t.get(f'{split}/acc', float('nan')):.4f}, macro-F1 {t.get(f'{split}/f1_macro', float('nan')):.4f}"
-            f"{alone}\non {evaluated_on(m, split)}\ntrainable {m['trainable_params']:,} of {m['total_params']:,} "
-            f"params; {m['train_images_per_s']:.0f} train img/s; {m['wall_time_s']:.0f} s\noutputs: {out}\n")
+            f"{alone}\non {evaluated_on(m, split)}\ntrained over the run: {m['trainable_params']:,} of "
+            f"{m['total_params']:,} params; {m['train_images_per_s']:.0f} train img/s; {m['wall_time_s']:.0f} s\n"
+            f"{final_model_lines(m)}outputs: {out}\n")
+
+
+def final_model_lines(m: dict) -> str:
+    """The final model's checkpoint (epoch, step, trainable then) and any warning, one line each."""
+    from visionft.report.card import shipped
+
+    return "".join([f"final model: {shipped(m)}\n"] if m.get("chosen") else []) + "".join(
+        f"WARNING: {w}\n" for w in m.get("warnings") or [])
 
 
 def write_overrides(overrides: list[str] | None, out: Path) -> None:

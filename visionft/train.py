@@ -40,6 +40,7 @@ from visionft.outputs import (  # noqa: F401
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
 from visionft.report.predictions import TestPredictions, feature_probs
 from visionft.report.predictions import save as save_predictions
+from visionft.shipped import ValPredictions, check_val_predictions, chosen_model, confusion_of, selected_by
 from visionft.wise import same_at_every_alpha, snapshot, wise_ft
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
 
         maybe_compile(module, dm)
     trainer, ckpt, speed = build_trainer(cfg, out)
+    trainer.callbacks.append(ValPredictions(module.meta["classes"]))  # val prediction counts: collapse check
     log.info("backbone %s (weights: %s), data %s: %s", backbone.name, backbone.weights, type(dm).__name__,
              "; ".join(f"{s} {n:,} images ({dm.split_origin.get(s, '?')})" for s, n in dm.sizes().items()))
     return Parts(out, dm, backbone, module, trainer, ckpt, speed)
@@ -209,6 +211,8 @@ def record(p: Parts, final: str, probe: ProbeRun | None, start: float) -> dict:
         "train_images_per_s": round(p.speed.images_per_second, 1),
         "best_checkpoint": (p.ckpt.best_model_path if p.ckpt is not None else None) or None,
         "final_checkpoint": final or None,
+        "chosen": chosen_model(m, final, p.out, selected_by(final, p.ckpt, m.strategy.gradient_fit),
+                               m.param_counts()["total_params"]),
         "output_dir": str(p.out),
         "backbone": p.backbone.name,
         "weights": p.backbone.weights,
@@ -248,6 +252,12 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
         val, test = evaluate_features(p.trainer, p.module, probe)
         predicted = feature_probs(p.module, probe.features["test"]) if "test" in probe.features else None
     p.predicted = predicted
+    if "wise" in metrics and metrics.get("chosen"):
+        metrics["chosen"]["wise_alpha"] = metrics["wise"]["alpha"]
+    confusion = (next(c for c in p.trainer.callbacks if isinstance(c, ValPredictions)).result
+                 if p.module.strategy.gradient_fit
+                 else confusion_of(*feature_probs(p.module, probe.features["val"]), p.dm.num_classes))
+    check_val_predictions(metrics, confusion, p.module.meta["classes"])
     number = lambda v: v if isinstance(v, int) else float(v)  # noqa: E731  (image counts stay integers)
     metrics.update(val={k: number(v) for k, v in val.items()}, test={k: number(v) for k, v in test.items()})
     if probe is not None:

@@ -89,15 +89,26 @@ def _data(cfg: dict, metrics: dict) -> list[str]:
             *(f"- `data.{k}`: {v}" for k, v in opts.items())]
 
 
+def shipped(metrics: dict) -> str:
+    """The checkpoint the final model comes from, when it was saved, and what was trainable up to then."""
+    c, total = metrics["chosen"], metrics.get("total_params", 0)
+    wise = (f", then interpolated with the start of fine-tuning at WiSE-FT alpha {c['wise_alpha']:g}, saved as "
+            f"`checkpoints/final.ckpt`" if "wise_alpha" in c else "")
+    return (f"`{c['checkpoint']}` ({c['selected_by']}{wise}), saved at epoch {c['epoch']}, step {c['step']}; "
+            f"trainable up to then: {c['trainable_params']:,} of {total:,} parameters ({c['trainable_pct']:.2f}%): "
+            f"{', '.join(c.get('trainable_groups') or []) or 'none'}")
+
+
 def _model(cfg: dict, metrics: dict) -> list[str]:
     s = {k: v for k, v in cfg.get("strategy", {}).items() if k != "_target_"}
     trained, total = metrics.get("trainable_params", 0), metrics.get("total_params", 0) or 1
     lines = [f"- backbone: `{metrics.get('backbone')}`, weights: {metrics.get('weights')}",
              f"- strategy: **{metrics.get('strategy')}** (`{cfg.get('strategy', {}).get('_target_', '')}`), options: "
              f"{', '.join(f'{k}={v}' for k, v in s.items())}",
-             f"- trained: {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%), "
+             f"- trained over the run: {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%), "
              f"{metrics.get('epochs', 0)} epochs, {metrics.get('train_images_per_s', 0):,.0f} train images/s, "
              f"wall time {metrics.get('wall_time_s', 0):,.0f} s",
+             *([f"- final model: {shipped(metrics)}"] if metrics.get("chosen") else []),
              f"- optimizer: `{cfg.get('optimizer', {}).get('_target_', '')}`, schedule: "
              f"`{cfg.get('scheduler', {}).get('_target_', '')}`, precision: {metrics.get('precision') or cfg.get('trainer', {}).get('precision')}"]
     groups = metrics.get("param_groups")
@@ -119,6 +130,8 @@ def _metrics(cfg: dict, metrics: dict) -> list[str]:
     if rows:
         lines += ["", *(f"- {s}: computed on {evaluated_on(metrics, s, cfg)}" for s in ("val", "test")
                         if metrics.get(s))]
+    if rows and metrics.get("chosen"):
+        lines.append(f"- model: the final model, {shipped(metrics).split(';')[0]}")
     if "wise" in metrics:
         lines.append(f"\nWiSE-FT: alpha {metrics['wise']['alpha']:g} chosen on val (curve: `wise/alpha_curve.png`)")
     if "probe" in metrics and metrics["probe"].get("knn"):
@@ -130,6 +143,7 @@ def model_card(run: Path, metrics: dict, per_class: pd.DataFrame | None, figures
     cfg_path = run / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     head = f"# {metrics.get('strategy')} on {metrics.get('backbone')}"
+    head += "".join(f"\n\n> **WARNING: {w}**" for w in metrics.get("warnings") or [])
     parts = [head, "", _headline(cfg, metrics), "", "## Data", *_data(cfg, metrics), "", "## Model and strategy",
              *_model(cfg, metrics), "", "## Metrics", *_metrics(cfg, metrics)]
     if per_class is not None:
