@@ -123,3 +123,68 @@ def test_efficientnet_lite0_offline_weights_match_the_reference_package():
     with torch.no_grad():
         diff = (ref.eval()(x) - b.model.eval()(x)).abs().max().item()
     assert diff < 1e-4
+
+
+def _photo_folder(root, bad: bool = False):
+    """root/<class>/*.png, and with ``bad`` an unreadable file a scan of the folder would reject."""
+    import numpy as np
+    from PIL import Image
+
+    for c in ("ants", "bees"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((24, 24, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    if bad:
+        (root / "ants" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def test_missing_weights_are_found_before_any_image_is_read(tmp_path, monkeypatch):
+    """Offline with no weights cached: build() stops on the weights before the folder is scanned (on CIFAR-10 the
+    scan of 60k files took 56 s before the weights error)."""
+    import datamodules.imagefolder
+    from huggingface_hub import constants
+
+    from conftest import compose_cfg
+    from visionft.build import build
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))  # nothing downloaded, wherever
+    checked = []
+    real = datamodules.imagefolder.check_files
+    monkeypatch.setattr(datamodules.imagefolder, "check_files",
+                        lambda paths, *a: checked.append(paths) or real(paths, *a))
+    cfg = compose_cfg(["backbone=resnet18", "data=imagefolder", f"data.root={_photo_folder(tmp_path / 'photos')}",
+                       "data.num_workers=0"], tmp_path / "run")
+    with pytest.raises(WeightsUnavailable, match="resnet18"):
+        build(cfg)
+    assert checked == []  # no image file was looked at
+    cfg.backbone.pretrained = False  # the same build with random init does scan the folder
+    build(cfg)
+    assert len(checked) == 1 and len(checked[0]) == 12
+
+
+def test_cli_offline_error_comes_first_names_the_download_before_random_init_and_is_in_the_run_log(tmp_path):
+    """A folder whose scan would fail (an unreadable image, data.on_bad_image=error): the run stops on the missing
+    weights instead, in one line, exit 2, written to the run's log too; the fixes keep pretrained weights first
+    (the exact download command) and name random init last, as such."""
+    import os
+
+    photos = _photo_folder(tmp_path / "photos", bad=True)
+    run = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "visionft", "backbone=resnet18", "data=imagefolder", f"data.root={photos}",
+         "data.on_bad_image=error", f"paths.output_dir={run}"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-hub")}, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: no pretrained weights for backbone 'resnet18.a1_in1k'"), lines
+    line = lines[0]
+    download = "HF_HUB_OFFLINE=0 python -c \"import timm; timm.create_model('resnet18.a1_in1k', pretrained=True)\""
+    assert download in line and "hf download timm/resnet18.a1_in1k" in line and str(tmp_path / "empty-hub") in line
+    order = [line.index(s) for s in (download, "backbone.checkpoint=", "backbone=efficientnet_lite0",
+                                     "backbone.pretrained=false (random init: trains from scratch")]
+    assert order == sorted(order), line
+    assert not (run / "bad_images.csv").exists()  # the folder was not scanned
+    log = (run / "__main__.log").read_text()
+    assert line in log, log[-2000:]

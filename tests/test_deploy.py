@@ -224,3 +224,39 @@ def test_predict_on_a_labelled_folder_reproduces_the_runs_own_evaluation(tmp_pat
     by_path = {r["path"]: r["prob_1"] for r in rows}
     got = torch.tensor([by_path[f] for f in files])
     assert torch.allclose(got, probs.max(1).values, atol=1e-5)
+
+
+def test_predict_takes_a_checkpoint_or_a_run_directory_and_scores_a_labelled_folder(tmp_path, capsys):
+    """`--model` may be the exported artifact, the run's best.ckpt or the run directory: the same rows. On a
+    labelled folder (<folder>/<class>/...) each row carries the folder's class, and the accuracy printed is the
+    fraction of top-1 labels equal to it."""
+    from conftest import TINY, compose_cfg
+    from visionft import cli
+    from visionft.predict import accuracy
+
+    root = _labelled_folder(tmp_path / "data", {"train": 24, "val": 4, "test": 10})
+    tiny = [o for o in TINY if not o.startswith("data.")]
+    cfg = compose_cfg([*tiny, "data=imagefolder", f"data.root={root}", "data.image_size=32", "data.num_workers=0",
+                       "data.batch_size=16", "trainer.max_epochs=2", "export=torchscript"], tmp_path / "run")
+    metrics = train(cfg)
+    artifact, best = Path(metrics["artifacts"][-1]), tmp_path / "run" / "checkpoints" / "best.ckpt"
+    assert metrics["final_checkpoint"] == str(best)
+    got = {m: predict(m, [str(root / "test")], topk=2)[0] for m in (artifact, best, tmp_path / "run")}
+    for rows in got.values():
+        assert [(r["path"], r["label_1"], r["label_2"]) for r in rows] == \
+            [(r["path"], r["label_1"], r["label_2"]) for r in got[artifact]]
+        assert [r["prob_1"] for r in rows] == pytest.approx([r["prob_1"] for r in got[artifact]], abs=1e-5)
+        assert [r["true_label"] for r in rows] == [Path(r["path"]).parent.name for r in rows]
+    truth = [Path(r["path"]).parent.name for r in got[best]]  # the folder names, read independently
+    fraction = sum(r["label_1"] == t for r, t in zip(got[best], truth)) / len(truth)
+    assert accuracy(got[best]) == (fraction, 30)
+    out = tmp_path / "preds.csv"
+    argv = ["--model", str(tmp_path / "run"), "--inputs", str(root / "test"), "--out", str(out)]
+    assert cli.run("predict", argv) == 0
+    printed = capsys.readouterr().out
+    assert f"accuracy {fraction:.4f} (top-1, 30 images" in printed, printed
+    csv_rows = list(csv.DictReader(open(out)))
+    assert [r["true_label"] for r in csv_rows] == [Path(r["path"]).parent.name for r in csv_rows]
+    # the data root holds train/ val/ test/, not class folders: no label, no accuracy
+    rows, _ = predict(best, [str(root)], topk=1)
+    assert len(rows) == 114 and accuracy(rows) is None and "true_label" not in rows[0]

@@ -41,6 +41,11 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_nonzero(tmp_path, sig, 
     assert proc.returncode == code, err[-2000:]
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"stopped: {sig.name} received") and "resume=true" in line
+    from visionft.resume import resume_command
+
+    assert line.endswith(f"Resume with: python -m visionft resume=true paths.output_dir={tmp_path / 'run'}")
+    assert line.endswith(resume_command(tmp_path / "run"))  # the same, quoted for a shell when the path needs it
+    assert line in (tmp_path / "run" / "__main__.log").read_text()  # the run's log keeps it
     assert "Traceback" not in err
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     step = ckpt["global_step"]
@@ -76,6 +81,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_cfg, tmp_path, mo
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: no space left on the device writing") and "resume=true" in err[-1]
+    assert err[-1].endswith(f"then resume with `python -m visionft resume=true paths.output_dir={out}`")
     for name in ("best.ckpt", "last.ckpt"):  # the epoch-0 files are intact and load
         ckpt = torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=True)
         assert ckpt["epoch"] == 0 and ckpt["state_dict"]

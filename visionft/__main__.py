@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from visionft.callbacks import Interrupted
     from visionft.errors import user_errors
-    from visionft.logs import single_console_handler
+    from visionft.logs import single_console_handler, to_log_files
     from visionft.train import ExportFailed, train
 
     single_console_handler()
@@ -46,14 +46,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if full or not isinstance(cause, user_errors()):  # a real bug keeps its traceback
             raise
         print(f"error: {str(cause).strip().splitlines()[-1]}", file=sys.stderr)
+        to_log_files(f"error: {str(cause).strip().splitlines()[-1]}")
         sys.exit(2)
     except Interrupted as e:  # preemption or Ctrl+C: the checkpoint is saved, the exit code says which signal
         print(f"stopped: {e}", file=sys.stderr)
+        to_log_files(f"stopped: {e}")  # the run's log keeps the line (and its resume command)
         sys.exit(e.exit_code)
     except user_errors() as e:
         if full:
             raise
         print(f"error: {e}", file=sys.stderr)
+        to_log_files(f"error: {e}")
         sys.exit(2)
     except ExportFailed as e:  # the run is saved; the exporter's own traceback is logged above this line
         logging.getLogger("visionft").error("export failed", exc_info=e.__cause__)
@@ -69,7 +72,9 @@ def main() -> None:
 
         sys.exit(run(sys.argv[1], sys.argv[2:]))
     from visionft.preflight import check
+    from visionft.resume import with_run_overrides
 
+    sys.argv[1:] = with_run_overrides(sys.argv[1:])  # resume=true paths.output_dir=RUN: that run's own overrides
     problem = check(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -21,12 +21,15 @@ from visionft.errors import UsageError
 
 
 def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
-    """The config ``python -m visionft <overrides>`` runs (``config_dir``: an extra search path, like --config-dir)."""
+    """The config ``python -m visionft <overrides>`` runs (``config_dir``: an extra search path, like --config-dir);
+    ``resume=true paths.output_dir=RUN`` brings that run's own overrides, as on the command line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = list(overrides)
+    from visionft.resume import with_run_overrides
+
+    overrides = with_run_overrides(list(overrides))
     if config_dir is not None:
         overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
     GlobalHydra.instance().clear()
@@ -55,8 +58,11 @@ class Run:
 def fit(config: DictConfig | Sequence[str] = (), output_dir: str | Path | None = None) -> Run:
     """Train one run in-process; ``config`` is a composed config or a list of overrides. Without an output
     directory (argument or ``paths.output_dir``) the run goes to ``outputs/<date>/<time>`` like the CLI's."""
+    from visionft.resume import with_run_overrides
     from visionft.train import train
 
+    if not isinstance(config, DictConfig):  # resume=true and a run folder: with that run's own overrides
+        config = with_run_overrides(list(config), output_dir)
     cfg = copy.deepcopy(config) if isinstance(config, DictConfig) else compose(config)  # the caller's stays as given
     stamp = time.strftime("%Y-%m-%d/%H-%M-%S") + f"-{time.time_ns() // 1000 % 1_000_000:06d}"
     out = output_dir or cfg.paths.get("output_dir") or Path("outputs") / stamp
@@ -94,14 +100,10 @@ class Trained:
 
 
 def load(path: str | Path) -> Trained:
-    """A run directory (its final model: final.ckpt when a probe or WiSE-FT made it, else best, else last) or a visionft ``.ckpt`` file, for inference."""
+    """A run directory (its final model, as ``metrics.json`` names it: final.ckpt when a probe or WiSE-FT made it,
+    else best, else last) or a visionft ``.ckpt`` file, for inference."""
+    from visionft.checkpoints import run_checkpoint
     from visionft.export import load_trained
 
-    path = Path(path)
-    if path.is_dir():
-        found = [path / "checkpoints" / n for n in ("final.ckpt", "best.ckpt", "last.ckpt") if (path / "checkpoints" / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path} has no checkpoints/final.ckpt, best.ckpt or last.ckpt: pass a run directory or a .ckpt")
-        path = found[0]
-    model, meta, _ = load_trained(path)
+    model, meta, _ = load_trained(run_checkpoint(path))
     return Trained(model, meta)

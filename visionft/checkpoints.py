@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from visionft.atomic import DiskFull, replacing  # noqa: F401  (DiskFull: the CLI's user error)
 from visionft.atomic import write_synced as _write_bytes
 from visionft.errors import UsageError
+from visionft.resume import resume_command
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -22,7 +23,9 @@ def atomic_torch_save(obj, path: Path) -> None:
     failed write (full disk: ``DiskFull``) leaves the previous file, never a truncated one, at ``path``."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialized first: a failing disk then surfaces as the OSError of a plain write
-    with replacing(path, "checkpoint", "resume with resume=true") as tmp:
+    run = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else None
+    then = f"resume with `{resume_command(run)}`" if run else "resume with resume=true"
+    with replacing(path, "checkpoint", then) as tmp:
         _write_bytes(tmp, buffer.getbuffer())
 
 
@@ -56,6 +59,28 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UsageError(f"{what}={path} is not a readable checkpoint ({str(e).splitlines()[0][:100]}): it is "
                          f"corrupt or truncated; use another one (best.ckpt, last.ckpt)") from None
+
+
+def run_checkpoint(path: str | Path) -> Path:
+    """The checkpoint of a run directory's final model: the one its ``metrics.json`` names (looked up in the
+    directory's own ``checkpoints/``, so a moved run still resolves), else ``final.ckpt`` (a probe or WiSE-FT made
+    it), ``best.ckpt``, ``last.ckpt``. A file is returned as it is."""
+    import json
+
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    named = []
+    try:
+        named = [Path(json.loads((path / "metrics.json").read_text()).get("final_checkpoint") or "").name]
+    except (OSError, ValueError, AttributeError):
+        pass
+    found = [path / "checkpoints" / n for n in [*filter(None, named), "final.ckpt", "best.ckpt", "last.ckpt"]
+             if (path / "checkpoints" / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{path} has no checkpoints/final.ckpt, best.ckpt or last.ckpt: pass a run "
+                                f"directory or a .ckpt")
+    return found[0]
 
 
 def check_fits(ckpt: dict, module, what: str) -> None:

@@ -27,19 +27,25 @@ def export_main(argv: list[str]) -> int:
 
 
 def predict_main(argv: list[str]) -> int:
-    from visionft.predict import predict
+    from visionft.predict import accuracy, predict
 
-    p = argparse.ArgumentParser(prog="visionft predict", description="Top-k predictions with an exported model.")
-    p.add_argument("--model", required=True, help="model.pt (TorchScript), model.onnx or model.pt2")
+    p = argparse.ArgumentParser(prog="visionft predict", description="Top-k predictions of a trained model; on a "
+                                "labelled folder (<folder>/<class>/... with the model's class names) also accuracy.")
+    p.add_argument("--model", required=True, help="an exported model.pt (TorchScript), model.onnx or model.pt2, a "
+                   "visionft .ckpt (e.g. <run>/checkpoints/best.ckpt), or a run directory (its final model)")
     p.add_argument("--inputs", required=True, nargs="+", help="image files and/or folders")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--out", default=None, help="write predictions as CSV here")
+    p.add_argument("--out", default=None, help="write predictions as CSV here (true_label: a labelled folder's)")
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args(argv)
     rows, failed = predict(a.model, a.inputs, a.topk, a.out, a.batch_size)
     for r in rows if not a.out else []:
         print(r["path"], r["label_1"], r["prob_1"])
     print(f"{len(rows)} images predicted" + (f", written to {a.out}" if a.out else ""))
+    scored = accuracy(rows)
+    if scored is not None:
+        print(f"accuracy {scored[0]:.4f} (top-1, {scored[1]} images labelled by their class folder"
+              + (f"; {len(failed)} unreadable not counted" if failed else "") + ")")
     for path, why in failed:
         print(f"unreadable: {path}: {why}", file=sys.stderr)
     return 0

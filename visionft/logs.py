@@ -41,3 +41,12 @@ def single_console_handler() -> None:
         for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
             logger.removeHandler(h)
         logger.propagate = True
+
+
+def to_log_files(line: str) -> None:
+    """Write ``line`` to the log files of the root logger (the run's log under Hydra: ``<run>/<job name>.log``)
+    and not to the console, where the caller prints it itself: an error that stops a run is on record in the run."""
+    record = logging.LogRecord("visionft", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

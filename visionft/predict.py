@@ -1,7 +1,9 @@
-"""Batch inference with an exported artifact: TorchScript (torch alone), ONNX (onnxruntime) or ExportedProgram
-(torch). Preprocessing (size, interpolation, crop, mean/std) and label names come from the ``config.json`` beside
-the artifact; images are read like training images (``datamodules.images.read_rgb``: any PIL format, EXIF
-orientation, alpha on white, 16-bit scaled, first frame), and unreadable ones are listed, not fatal."""
+"""Batch inference with an exported artifact (TorchScript: torch alone; ONNX: onnxruntime; ExportedProgram: torch),
+a visionft ``.ckpt`` or a run directory (its final model). Preprocessing (size, interpolation, crop, mean/std) and
+label names come from the ``config.json`` beside an artifact, or from the checkpoint's metadata: the geometry the
+run evaluated with. Images are read like training images (``datamodules.images.read_rgb``: any PIL format, EXIF
+orientation, alpha on white, 16-bit scaled, first frame), and unreadable ones are listed, not fatal. A folder laid
+out as ``<folder>/<class>/...`` with the model's class names is labelled: each row gets its ``true_label``."""
 from __future__ import annotations
 
 import csv
@@ -35,10 +37,34 @@ def load_runner(artifact: str | Path):
     raise UsageError(f"unknown artifact {artifact}: expected model.pt (TorchScript), model.onnx or model.pt2")
 
 
+ARTIFACTS = (".pt", ".onnx", ".pt2")
+
+
+def open_model(path: str | Path):
+    """(runner, preprocessing) of what ``--model`` names: an exported artifact (``config.json`` beside it), an export
+    folder, a visionft ``.ckpt`` (its deployable model, on the CPU) or a run directory (its final model)."""
+    from visionft.checkpoints import run_checkpoint
+
+    path = Path(path)
+    if path.is_dir() and not (path / "checkpoints").is_dir():  # an export folder: its artifact
+        path = next((path / f"model{s}" for s in ARTIFACTS if (path / f"model{s}").is_file()), path)
+    path = run_checkpoint(path)
+    if path.suffix in ARTIFACTS:
+        return load_runner(path), read_config(path)
+    if path.suffix != ".ckpt":
+        raise UsageError(f"--model {path}: expected an exported model.pt (TorchScript), model.onnx or model.pt2, a "
+                         f"visionft .ckpt, or a run directory")
+    from visionft.export import load_trained
+
+    model, meta, _ = load_trained(path)
+    return (lambda x: model(x).detach()), preprocessing_of(meta)
+
+
 def read_config(artifact: Path) -> dict:
     path = artifact.parent / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: predict needs the config.json written by `visionft export`")
+        raise FileNotFoundError(f"{path} is missing: predict needs the config.json written by `visionft export` "
+                                f"beside {artifact.name}, or pass the run's .ckpt or run directory as --model")
     cfg = json.loads(path.read_text())
     pre = cfg["pretrained_cfg"]
     return {"size": int(pre["input_size"][-1]), "interpolation": pre.get("interpolation", "bicubic"),
@@ -108,16 +134,41 @@ def predict_images(run, cfg: dict, items, topk: int = 5, batch_size: int = 64):
     return rows, failed
 
 
-def predict(artifact: str | Path, inputs: list[str], topk: int = 5, out: str | Path | None = None,
+def labelled(inputs: list[str], classes: list[str]) -> list[tuple[Path, str | None]]:
+    """Every image under ``inputs`` with its true label: a folder whose images all lie in ``<folder>/<class>/...``
+    with ``<class>`` one of the model's classes is labelled by those folder names; anything else gets None."""
+    out = []
+    for item in map(Path, inputs):
+        files = expand([str(item)])
+        labels = [f.relative_to(item).parts[0] if item.is_dir() and len(f.relative_to(item).parts) > 1 else None
+                  for f in files]
+        if not all(label in classes for label in labels):
+            labels = [None] * len(files)
+        out += zip(files, labels)
+    return out
+
+
+def accuracy(rows: list[dict]) -> tuple[float, int] | None:
+    """Top-1 accuracy over the rows that have a true label, and their count (None when no row has one)."""
+    scored = [r for r in rows if r.get("true_label")]
+    return (sum(r["label_1"] == r["true_label"] for r in scored) / len(scored), len(scored)) if scored else None
+
+
+def predict(model: str | Path, inputs: list[str], topk: int = 5, out: str | Path | None = None,
             batch_size: int = 64) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Top-k predictions of an exported artifact for every readable image under ``inputs`` (files, folders)."""
-    artifact = Path(artifact)
-    cfg = read_config(artifact)
-    rows, failed = predict_images(load_runner(artifact), cfg, ((p, p) for p in expand(inputs)), topk, batch_size)
+    """Top-k predictions of ``model`` (an exported artifact, a .ckpt or a run directory) for every readable image
+    under ``inputs`` (files, folders); images of a labelled folder also get ``true_label``."""
+    runner, cfg = open_model(model)
+    items = labelled(inputs, cfg["labels"])
+    truth = {str(p): label for p, label in items if label is not None}
+    rows, failed = predict_images(runner, cfg, ((p, p) for p, _ in items), topk, batch_size)
+    for r in rows if truth else []:
+        r["true_label"] = truth.get(r["path"], "")
     if out:
         k = min(topk, len(cfg["labels"]))
         with open(out, "w", newline="") as f:
-            cols = ["path", *(f"label_{j + 1}" for j in range(k)), *(f"prob_{j + 1}" for j in range(k))]
+            cols = ["path", *(["true_label"] if truth else []), *(f"label_{j + 1}" for j in range(k)),
+                    *(f"prob_{j + 1}" for j in range(k))]
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows(rows)

