@@ -3,6 +3,7 @@ everything the command line says) before any model is built."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,34 @@ def test_the_precisions_preflight_accepts_are_lightnings():
     for p in [*PRECISIONS[1:], 32, 16, 64, "32", "bf16", "bogus", "bf16-mix", 8, "8-true"]:
         assert (out_of_range("trainer.precision", p) is None) == lightning_accepts(p), p
     assert out_of_range("trainer.precision", "auto") is None  # visionft's own: bf16-mixed where supported, else 32
+
+
+def test_a_user_error_in_one_job_of_a_multirun_fails_that_job_and_the_next_one_runs(tmp_path):
+    """Both values out of range (found once the backbone is built, after the pre-flight): each job records its own
+    line in its folder, the second job runs after the first failed, and the command names both and exits 1."""
+    sweep = tmp_path / "sweep"
+    r = _cli(["-m", *TINY, "strategy=partial", "strategy.freeze_depth=9,12", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    for job, depth in (("0", 9), ("1", 12)):
+        said = (sweep / job / "error.txt").read_text()
+        assert said.startswith(f"strategy.freeze_depth={depth} is out of range") and said.count("\n") == 1
+        assert f"job {job} failed: {said.strip()}" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: 2 of 2 jobs failed: 0, 1 (`visionft report")
+    assert "Traceback" not in r.stderr
+
+
+def test_help_lists_the_commands_and_the_config_groups_but_not_the_table_rows(tmp_path):
+    from visionft.cli import COMMANDS
+
+    r = _cli(["--help"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "powered by Hydra" not in r.stdout
+    for command in COMMANDS:
+        assert f"visionft {command} " in r.stdout, command
+    conf = Path(__file__).parents[1] / "conf"
+    section = r.stdout.split("== Config groups")[1].split("== Config (")[0]  # between the two headings
+    listed = {line.split(":")[0] for line in section.splitlines() if re.match(r"^[a-z_]+: ", line)}
+    groups = {d.name for d in conf.iterdir() if d.is_dir() and any(d.glob("*.yaml"))}
+    assert listed == groups - {"row"}
+    strategies = next(line for line in r.stdout.splitlines() if line.startswith("strategy: "))
+    assert strategies == "strategy: " + ", ".join(sorted(p.stem for p in (conf / "strategy").glob("*.yaml")))

@@ -239,7 +239,7 @@ def test_sweep_report_groups_over_seeds_and_lists_failures(tmp_path):
     runs = pd.read_csv(tmp_path / "sweep" / "runs.csv")
     assert len(runs) == 12 and runs["failed"].notna().sum() == 5
     md = (tmp_path / "sweep" / "report.md").read_text()
-    assert "## Failed runs" in md and "data.root=/d does not exist" in md and "no test/acc in metrics.json" in md
+    assert "## Failed runs" in md and "data.root=/d does not exist" in md and "no val/acc in metrics.json" in md
     assert "12 runs, 5 failed" in md
     for png in ("metric.png", "params.png"):
         assert Image.open(tmp_path / "sweep" / png).size[0] > 300
@@ -258,7 +258,7 @@ def test_sweep_with_an_output_dir_keeps_numeric_order_and_counts_crashed_jobs(tm
                 continue  # crashed
             (d / "metrics.json").write_text(json.dumps({
                 "test": {"test/acc": 0.5 + 0.1 * job + 0.01 * seed}, "trainable_params": 100 - job}))
-    r = cli("report", str(root), cwd=tmp_path)
+    r = cli("report", str(root), "--metric", "test/acc", cwd=tmp_path)  # these jobs recorded test only
     assert r.returncode == 0, r.stderr[-2000:]
     groups = pd.read_csv(root / "report.csv", dtype={"strategy.freeze_depth": str})
     assert list(groups["strategy.freeze_depth"]) == ["0", "2", "10"]
@@ -294,3 +294,89 @@ def test_the_report_of_a_run_with_a_truncated_metrics_json_is_one_line_exit_2(tm
     r = cli("report", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "metrics.json is not readable (JSONDecodeError" in r.stderr
+
+
+def _monitored_sweep(root: Path, monitor: str = "val/f1_macro") -> dict:
+    """Two strategies x 2 seeds, each job with its config.yaml (the metric it monitored) and val and test values
+    drawn independently, so that a report on the wrong split cannot match."""
+    rng = np.random.default_rng(7)
+    truth = {}
+    for job, (strategy, seed) in enumerate([(s, seed) for s in ("full", "lora") for seed in (0, 1)]):
+        d = root / str(job)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- strategy={strategy}\n- seed={seed}\n")
+        (d / "config.yaml").write_text(f"seed: {seed}\ncallbacks:\n  monitor: {monitor}\n")
+        values = {f"{split}/{name}": float(rng.uniform(0.3, 0.9)) for split in ("val", "test")
+                  for name in ("acc", "f1_macro")}
+        (d / "metrics.json").write_text(json.dumps({"val": {k: v for k, v in values.items() if k.startswith("val")},
+                                                    "test": {k: v for k, v in values.items() if k.startswith("test")},
+                                                    "trainable_params": 10 if strategy == "lora" else 1000}))
+        truth[job] = (strategy, values)
+    return truth
+
+
+def test_sweep_report_compares_on_the_monitored_validation_metric_with_test_beside_it(tmp_path):
+    truth = _monitored_sweep(tmp_path / "sweep")
+    r = cli("report", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = pd.read_csv(tmp_path / "sweep" / "runs.csv")
+    for job, (strategy, values) in truth.items():  # every job's own val and test values, side by side
+        row = runs[runs["job"] == job].iloc[0]
+        assert (row["val/f1_macro"], row["test/f1_macro"]) == pytest.approx(
+            (values["val/f1_macro"], values["test/f1_macro"]))
+    groups = pd.read_csv(tmp_path / "sweep" / "report.csv")
+    for strategy in ("full", "lora"):
+        mine = [v for s, v in truth.values() if s == strategy]
+        g = groups[groups["strategy"] == strategy].iloc[0]
+        assert g["mean"] == pytest.approx(np.mean([v["val/f1_macro"] for v in mine]))  # compared on validation
+        assert g["std"] == pytest.approx(np.std([v["val/f1_macro"] for v in mine], ddof=1))
+        assert g["test/f1_macro mean"] == pytest.approx(np.mean([v["test/f1_macro"] for v in mine]))
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "compared on `val/f1_macro`, `test/f1_macro` beside it" in md
+    assert "val/f1_macro mean ± std" in md and "test/f1_macro mean ± std" in md
+    chosen = cli("report", str(tmp_path / "sweep"), "--metric", "test/acc", cwd=tmp_path)  # asked for: still works
+    assert chosen.returncode == 0 and "tunes the choice to the test set" in chosen.stdout
+
+
+def test_a_sweep_whose_jobs_monitored_different_metrics_asks_which_to_compare(tmp_path):
+    _monitored_sweep(tmp_path / "sweep")
+    (tmp_path / "sweep" / "3" / "config.yaml").write_text("callbacks:\n  monitor: val/loss\n")
+    r = cli("report", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "monitored different metrics (val/f1_macro, val/loss): pass --metric" in r.stderr
+
+
+def test_a_job_that_failed_on_a_user_error_is_listed_with_its_one_line_reason(tmp_path):
+    """A multirun job stopped by a user error leaves error.txt (its one line) and perhaps nothing else."""
+    truth = fake_sweep(tmp_path / "sweep")
+    reason = "strategy.freeze_depth=9 is out of range for this backbone: freeze_depth must be in 0..5"
+    bad = tmp_path / "sweep" / "12"
+    (bad / ".hydra").mkdir(parents=True)
+    (bad / ".hydra" / "overrides.yaml").write_text("- strategy=full\n- +strategy.lr=0.001\n- seed=3\n")
+    (bad / "__main__.log").write_text("")  # what a job's log held before: nothing
+    (bad / "error.txt").write_text(reason + "\n")
+    r = cli("report", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = pd.read_csv(tmp_path / "sweep" / "runs.csv")
+    assert runs.loc[runs["job"] == 12, "failed"].item() == reason
+    groups = pd.read_csv(tmp_path / "sweep" / "report.csv", dtype={"strategy.lr": str})
+    g = groups[(groups["strategy"] == "full") & (groups["strategy.lr"] == "0.001")].iloc[0]
+    assert (g["n"], g["failed"]) == (len(truth[("full", "0.001")]), 2)  # counted as failed, the rest kept
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "13 runs, 6 failed" in md and f"| 12 | full | 0.001 | 3 | {reason} |" in md
+
+
+def test_the_params_plot_labels_its_x_ticks_when_every_count_lies_in_one_decade(tmp_path, monkeypatch):
+    from visionft.report import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)  # the figure params.png gets
+    counts = [267_264, 300_000, 373_658]  # all within 1e5..1e6: no power of ten inside the view
+    groups = pd.DataFrame({"k": ["a", "b", "c"], "trainable_params": counts, "mean": [0.5, 0.6, 0.7],
+                           "std": [0.01, 0.02, None]})
+    plots.sweep_params(groups, ["k"], "val/acc", tmp_path / "params.png")
+    drawn[0].draw_without_rendering()
+    ax = drawn[0].axes[0]
+    low, high = ax.get_xlim()
+    shown = [label.get_text() for tick, label in zip(ax.get_xticks(), ax.get_xticklabels()) if low <= tick <= high]
+    assert shown == ["267k", "300k", "374k"]

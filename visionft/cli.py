@@ -83,7 +83,8 @@ def report_main(argv: list[str]) -> int:
                                 "(README.md model card, report/) or of a sweep (multirun) directory (report.md, "
                                 "report.csv, runs.csv, plots), from the files alone.")
     p.add_argument("path", help="a run directory (has metrics.json) or a multirun directory")
-    p.add_argument("--metric", default="test/acc", help="sweeps: the metric to compare (default test/acc)")
+    p.add_argument("--metric", default=None, help="sweeps: the metric to compare the runs on (default: the one "
+                   "they monitored, callbacks.monitor, e.g. val/acc; the test split's value is shown beside it)")
     p.add_argument("--seed-key", default="seed", help="sweeps: the swept key averaged over (default seed)")
     a = p.parse_args(argv)
     written = build(a.path, a.metric, a.seed_key)

@@ -7,8 +7,9 @@ from pathlib import Path
 from visionft.errors import UsageError
 
 
-def build(path: str | Path, metric: str = "test/acc", seed_key: str = "seed") -> list[Path]:
-    """The report of a run directory (it has ``metrics.json``) or of a sweep directory (runs below it)."""
+def build(path: str | Path, metric: str | None = None, seed_key: str = "seed") -> list[Path]:
+    """The report of a run directory (it has ``metrics.json``) or of a sweep directory (runs below it, compared on
+    ``metric``: by default the validation metric they monitored)."""
     from visionft.report import run, sweep
 
     path = Path(path)

@@ -125,6 +125,15 @@ def sweep_metric(groups: pd.DataFrame, keys: list[str], metric: str, path: Path)
 
 @_text_safe
 def sweep_params(groups: pd.DataFrame, keys: list[str], metric: str, path: Path) -> Path:
+    return _save(params_figure(groups, keys, metric), path)
+
+
+@_text_safe
+def params_figure(groups: pd.DataFrame, keys: list[str], metric: str):
+    """``metric`` (mean ± std over seeds) against trainable parameters, each point named by its swept values. The
+    x axis is logarithmic (symlog: 0 stays drawable) and ticked at the groups' own parameter counts (at most 8, none
+    overlapping), labelled 1.2k, 3.4M: a log axis ticks only powers of ten by default, and points that all lie
+    within one decade then had no x label at all."""
     fig = _figure(figsize=(7, 4.5))
     ax = fig.subplots()
     ax.errorbar(groups["trainable_params"], groups["mean"], yerr=groups["std"].fillna(0), fmt="o", capsize=3)
@@ -132,6 +141,30 @@ def sweep_params(groups: pd.DataFrame, keys: list[str], metric: str, path: Path)
         ax.annotate(", ".join(str(g[k]) for k in keys), (g["trainable_params"], g["mean"]), fontsize=7,
                     xytext=(4, 2), textcoords="offset points")
     ax.set_xscale("symlog", linthresh=1e3)
+    ticks = _param_ticks(pd.to_numeric(groups["trainable_params"]).to_numpy(float))
+    ax.set_xticks(ticks, [human(t) for t in ticks], rotation=30 if len(ticks) > 4 else 0,
+                  ha="right" if len(ticks) > 4 else "center")
+    ax.set_xticks([], minor=True)
     ax.set(xlabel="trainable parameters", ylabel=f"{metric} (mean ± std over seeds)",
            title=f"{metric} against trainable parameters")
-    return _save(fig, path)
+    return fig
+
+
+def _param_ticks(counts: np.ndarray, most: int = 8) -> list[float]:
+    """The distinct counts, smallest first, each kept when it lies at least 1/(most-1) of the axis's log range past
+    the last one kept (labels that would overlap are left out; their points keep their annotations)."""
+    unique = np.unique(counts)
+    positive = unique[unique > 0]
+    kept = [0.0] if len(positive) < len(unique) else []
+    gap = np.log10(positive[-1] / positive[0]) / (most - 1) if len(positive) else 0.0
+    for v in positive:
+        if not kept or kept[-1] <= 0 or np.log10(v / kept[-1]) >= gap:
+            kept.append(float(v))
+    return kept
+
+
+def human(n: float) -> str:
+    """A parameter count in three significant figures: 960, 12.3k, 374k, 2.1M."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1, "")):
+        if abs(n) >= 0.9995 * div or div == 1:  # 999,600 is 1M, not 1e+03k
+            return f"{n / div:.3g}{unit}"
