@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from visionft import sweepjobs
     from visionft.callbacks import Interrupted
-    from visionft.logs import single_console_handler
+    from visionft.logs import single_console_handler, to_log_files
     from visionft.train import output_dir, train
 
     single_console_handler()
@@ -36,6 +36,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except Interrupted as e:  # preemption or Ctrl+C: the checkpoint is saved, the exit code says which signal
         print(f"stopped: {e}", file=sys.stderr)
+        to_log_files(f"stopped: {e}")  # the run's log keeps the line (and its resume command)
         sys.exit(e.exit_code)
     except Exception as e:
         said = _one_line(e)
@@ -43,6 +44,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         if job is None:
             print(f"error: {said[0]}", file=sys.stderr)
+            to_log_files(f"error: {said[0]}")
             sys.exit(said[1])
         sweepjobs.record(job, said[0])  # this job failed; the sweep goes on with the next one
         return None
@@ -79,7 +81,9 @@ def main() -> None:
 
         sys.exit(run(sys.argv[1], sys.argv[2:]))
     from visionft.preflight import check
+    from visionft.resume import with_run_overrides
 
+    sys.argv[1:] = with_run_overrides(sys.argv[1:])  # resume=true paths.output_dir=RUN: that run's own overrides
     problem = check(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
