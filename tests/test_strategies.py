@@ -82,8 +82,9 @@ ONLY = {"vpt": "vit", "vpt_deep": "vit", "lora_nf4": "vit"}  # ViT-family strate
 MODELS = {"resnet": ("test_resnet", RESNET, ["+backbone.kwargs.zero_init_last=false"]), "vit": ("test_vit", VIT, ["data.image_size=32"])}
 # further backbones for the strategies whose layers they exercise: timm's LayerNorm2d (an nn.LayerNorm over NCHW
 # channels) in test_convnext, RmsNorm (no bias) in test_vit4
+VIT9 = ["stem", *[f"block{i}" for i in range(1, 10)], "head"]  # timm test_vit4: 9 blocks
 MORE_MODELS = {"convnext": ("test_convnext", RESNET, ["data.image_size=32"]),
-               "vit_rmsnorm": ("test_vit4", ["stem", *[f"block{i}" for i in range(1, 10)], "head"], ["data.image_size=32"])}
+               "vit_rmsnorm": ("test_vit4", VIT9, ["data.image_size=32"])}
 MORE_CASES = {"convnext": ["ssf"], "vit_rmsnorm": ["ssf"]}
 PAIRS = [(case, model) for case in TABLE for model in MODELS if ONLY.get(case, model) == model] + \
         [(case, model) for model, cases in MORE_CASES.items() for case in cases]
