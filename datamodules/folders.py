@@ -63,10 +63,11 @@ def _is_cycle(target: str, here: str) -> bool:
     return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
 
 
-def walk_images(folder: Path, extensions: set[str]) -> list[str]:
-    """Visible image files under ``folder`` (sorted walk). Linked folders are followed once; a link to the folder
-    itself or one above it (a cycle) is never followed, and logged."""
-    out, walked = [], {os.path.realpath(folder)}
+def walk_images(folder: Path, extensions: set[str]) -> dict[str, str]:
+    """Visible image files under ``folder`` (sorted walk) -> their real paths. Linked folders are followed once; a
+    link to the folder itself or one above it (a cycle) is never followed, and logged. Each folder is resolved once;
+    a file's own real path is resolved only when the file is itself a link."""
+    out, walked = {}, {os.path.realpath(folder)}
     for here, dirs, files in os.walk(folder, followlinks=True):
         real, keep = os.path.realpath(here), []
         for d in sorted(dirs):
@@ -79,8 +80,10 @@ def walk_images(folder: Path, extensions: set[str]) -> list[str]:
                 walked.add(target)
                 keep.append(d)
         dirs[:] = keep
-        out += [os.path.join(here, f) for f in sorted(files)
-                if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
+        for f in sorted(files):
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions:
+                path = os.path.join(here, f)
+                out[path] = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, f)
     return out
 
 
@@ -97,17 +100,26 @@ def unknown_classes(folder: Path, classes: list[str], extensions: set[str]) -> N
                      f"{shown}. Rename each to its training class, or remove it")
 
 
-def count_once(scans: dict[str, dict[str, list[str]]], root: Path) -> dict[str, dict[str, list[str]]]:
-    """Each real file once: where it really lies under ``root`` when one of its paths is that place, else at its
-    first path (splits in train, val, test order; classes and files sorted). Duplicates are logged."""
-    real_root = os.path.realpath(root)
-    seen: list[tuple[str, str, str, str]] = [(s, c, p, os.path.realpath(p))
-                                             for s, files in scans.items() for c, ps in files.items() for p in ps]
+def count_once(scans: dict[str, dict[str, dict[str, str]]], layout: dict[str, Path]) -> dict[str, dict[str, list[str]]]:
+    """Each real file once (``scans``: split -> class -> {path: real path}). It belongs to the class whose real
+    folder holds it (the innermost, splits in train, val, test order), reached by any of its paths; a file outside
+    every class folder goes to its first path. Duplicates are logged."""
+    homes: dict[str, tuple[str, str]] = {}
+    for s, files in scans.items():  # a real folder shared by two splits or classes: the first (train, val, test)
+        for c in files:
+            homes.setdefault(os.path.realpath(layout[s] / c), (s, c))
+    seen = [(s, c, p, r) for s, files in scans.items() for c, paths in files.items() for p, r in paths.items()]
+    home: dict[str, tuple[str, str] | None] = {}
+    for r in {os.path.dirname(r) for _, _, _, r in seen}:
+        up = r
+        while up not in homes and os.path.dirname(up) != up:  # the innermost class folder above it
+            up = os.path.dirname(up)
+        home[r] = homes.get(up)
     owner: dict[str, tuple[str, str, str]] = {}
     for s, c, p, r in seen:
-        if r == os.path.join(real_root, os.path.relpath(p, root)):  # the file's own place, no link on its path
+        if home[os.path.dirname(r)] in (None, (s, c)):
             owner.setdefault(r, (s, c, p))
-    for s, c, p, r in seen:
+    for s, c, p, r in seen:  # its class folder was reached only through another class's link
         owner.setdefault(r, (s, c, p))
     kept: dict[str, dict[str, list[str]]] = {s: {c: [] for c in files} for s, files in scans.items()}
     for s, c, p, r in seen:
@@ -116,6 +128,6 @@ def count_once(scans: dict[str, dict[str, list[str]]], root: Path) -> dict[str, 
     dropped = [(p, owner[r][2]) for s, c, p, r in seen if owner[r][2] != p]
     if dropped:
         example = "; ".join(f"{p} is {q}" for p, q in dropped[:3])
-        log.warning("%d image path(s) reach a file already counted through symlinks: each file is counted once, "
-                    "where it lies (%s%s)", len(dropped), example, "; ..." if len(dropped) > 3 else "")
+        log.warning("%d image path(s) reach a file already counted through symlinks: each file is counted once, in "
+                    "the class folder that holds it (%s%s)", len(dropped), example, "; ..." if len(dropped) > 3 else "")
     return kept

@@ -37,10 +37,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.root, self.on_bad_image, self.cache_dir = root, on_bad_image, cache_dir
         self.rejected: dict[str, str] = {}
 
-    def _scan(self, folder: Path, classes: list[str]) -> dict[str, list[str]]:
-        """class -> image files under ``folder/<class>/``."""
+    def _scan(self, folder: Path, classes: list[str]) -> dict[str, dict[str, str]]:
+        """class -> {image file under ``folder/<class>/``: its real path}."""
         ext = image_extensions()
-        return {c: folders.walk_images(folder / c, ext) if (folder / c).is_dir() else [] for c in classes}
+        return {c: folders.walk_images(folder / c, ext) if (folder / c).is_dir() else {} for c in classes}
 
     def load_splits(self):
         if not self.root:
@@ -54,7 +54,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         for s, folder in layout.items():
             if s != "train":
                 folders.unknown_classes(folder, classes, image_extensions())
-        scans = folders.count_once({s: self._scan(f, classes) for s, f in layout.items()}, root)
+        scans = folders.count_once({s: self._scan(f, classes) for s, f in layout.items()}, layout)
         self._check(scans)
         kept = [c for c in classes if scans["train"][c]]
         orphans = {s: [c for c in classes if c not in kept and files[c]] for s, files in scans.items() if s != "train"}

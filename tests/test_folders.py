@@ -25,7 +25,7 @@ def _on_disk(root):
         for f in files:
             p = os.path.join(here, f)
             if f.endswith(".png") and not os.path.islink(p):
-                out[os.path.realpath(p)] = os.path.basename(here)
+                out[os.path.realpath(p)] = os.path.relpath(p, root).split(os.sep)[0]
     return out
 
 
@@ -49,6 +49,18 @@ def test_a_symlink_loop_gives_exactly_the_files_on_disk(tmp_path, caplog):
     assert dict(seen) == _on_disk(tmp_path / "data")  # labelled by the folder it lies in
     assert sum(dm.sizes().values()) == 15
     assert "symlink loop not followed" in caplog.text and "counted once" in caplog.text
+
+
+def test_a_file_belongs_to_the_class_folder_that_holds_it_whichever_link_reaches_it_first(tmp_path):
+    """b/sub holds the images; b/aa -> sub is walked before it (so b/sub itself is skipped as already walked) and
+    a/l -> ../b/sub reaches them from class a: they are b's, once each."""
+    _images(tmp_path / "a", 4)
+    _images(tmp_path / "b" / "sub", 4, start=10)
+    os.symlink("sub", tmp_path / "b" / "aa")
+    os.symlink("../b/sub", tmp_path / "a" / "l")
+    dm = ImageFolderDataModule(root=str(tmp_path), batch_size=2, test_fraction=0.25, val_fraction=0.34)
+    dm.setup()
+    assert dict(_seen(dm)) == _on_disk(tmp_path) and len(_seen(dm)) == 8
 
 
 def test_a_split_folder_linked_into_another_split_is_not_evaluated_twice(tmp_path):
@@ -107,8 +119,7 @@ def test_valid_and_validation_folders_are_the_validation_split(tmp_path, name, c
 
 @pytest.mark.parametrize("seed", range(10))
 def test_one_tiny_class_keeps_stratification_and_its_training_image(tmp_path, seed, caplog):
-    """Classes a=20, b=20, c=1: a and b split in proportion, c's one image in training (it had none for seeds
-    4 and 5 when one tiny class turned stratification off)."""
+    """Classes a=20, b=20, c=1: a and b split in proportion, c's one image in training, for every seed."""
     for c, n in (("a", 20), ("b", 20), ("c", 1)):
         _images(tmp_path / c, n)
     with caplog.at_level(logging.WARNING):
