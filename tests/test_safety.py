@@ -112,3 +112,31 @@ def test_the_model_kwargs_visionft_writes_are_accepted():
         meta = checkpoint_meta(create_backbone(name, 3, pretrained=False, image_size=size, kwargs=kwargs), 3, None)
         assert checked_model_kwargs(meta, "x") == meta["model_kwargs"]
         assert set(kwargs) <= set(meta["model_kwargs"]) and ("img_size" in meta["model_kwargs"]) == (name == "test_vit")
+
+
+def test_a_run_trained_with_timm_build_flags_exports(tmp_path):
+    from conftest import TINY, compose_cfg
+    from visionft.cli import run
+
+    flags = ["+backbone.kwargs.scriptable=true", "+backbone.kwargs.exportable=true",
+             "+backbone.kwargs.pretrained_strict=false", "+backbone.kwargs.feature_cfg={flatten_sequential: true}"]
+    ckpt = train(compose_cfg([*TINY, *flags], tmp_path / "run"))["best_checkpoint"]
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["visionft"]["model_kwargs"]
+    assert stored == {"scriptable": True, "exportable": True, "pretrained_strict": False,
+                      "feature_cfg": {"flatten_sequential": True}}
+    assert run("export", ["--ckpt", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x" / "model.pt").is_file() and (tmp_path / "x" / "export_check.json").is_file()
+
+
+def test_training_refuses_a_timm_loading_argument_in_one_line(tmp_path):
+    from conftest import TINY
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"not for visionft")
+    done = subprocess.run([sys.executable, "-c", _WATCHED, str(secret), *TINY,
+                           f"+backbone.kwargs.checkpoint_path={secret}", f"paths.output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert "OPENED" not in done.stdout, done.stdout
+    assert done.returncode == 2, done.stderr[-1500:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "backbone.kwargs: checkpoint_path=" in lines[0] and "backbone.checkpoint" in lines[0]

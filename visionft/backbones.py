@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,29 @@ from visionft.weights import apply_state_dict, load_pretrained, load_state_dict_
 
 log = logging.getLogger(__name__)
 HEAD_INITS = ("zero", "timm")
+# timm.create_model / build_model_with_cfg arguments that change how layers are built or how strictly weights load,
+# and open nothing: allowed in backbone.kwargs beside the architecture's own arguments
+TIMM_BUILD_FLAGS = frozenset({"scriptable", "exportable", "no_jit", "pretrained_strict", "feature_cfg",
+                              "kwargs_filter"})
+# timm's loading arguments: they open files or fetch weights, so neither backbone.kwargs nor a checkpoint may hold them
+_LOADING = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_filter_fn",
+                      "pretrained_model_args", "checkpoint_path", "cache_dir"})
+_LOADING_NAME = re.compile(r"^paths?$|(?<!drop)_paths?$|(^|_)(file|url|uri|dir|hub)s?$|(^|_)hub_")  # not drop_path
+
+
+def loading_kwargs(kwargs: dict) -> list[str]:
+    """The keys of ``kwargs`` that are timm loading arguments (a file, a URL, a cache, a hub or weights to fetch)."""
+    return [k for k in kwargs if str(k) in _LOADING or _LOADING_NAME.search(str(k))]
+
+
+def refuse_loading_kwargs(kwargs: dict, where: str) -> None:
+    """One line, exit 2, when ``kwargs`` (``where``: backbone.kwargs or a checkpoint's model_kwargs) hold a timm
+    loading argument."""
+    bad = loading_kwargs(kwargs)
+    if bad:
+        raise UsageError(f"{where}: {', '.join(f'{k}={reprlib.repr(kwargs[k])}' for k in bad)}: timm loading arguments "
+                         f"(they open files or fetch weights) are not model arguments; set local weights with "
+                         f"backbone.checkpoint=<file>: refusing to build the model")
 
 
 @dataclass
@@ -121,6 +146,7 @@ def create_backbone(
     first loss of 28 on 2 classes). ``head_init="timm"`` keeps the architecture's own init."""
     if head_init not in HEAD_INITS:
         raise UsageError(f"backbone.head_init={head_init!r} is not a head init; valid: {', '.join(HEAD_INITS)}")
+    refuse_loading_kwargs(dict(kwargs or {}), "backbone.kwargs")
     model, used_kwargs = _create(name, num_classes, image_size, dict(kwargs or {}))
     initial = {k: p.detach().clone() for k, p in model.get_classifier().named_parameters()}
     if checkpoint:

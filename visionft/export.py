@@ -48,8 +48,11 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
 
 
 def _plain(value) -> bool:
+    """None, a bool, number or string, or a list or str-keyed dict of such values."""
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
     return value is None or isinstance(value, (bool, int, float, str))
 
 
@@ -69,23 +72,29 @@ def _architecture(name: str, source: str) -> type:
 
 
 def checked_model_kwargs(meta: dict, source: str) -> dict:
-    """A checkpoint's ``model_kwargs``, refused in one line unless every key is one visionft writes there: an
-    argument of the architecture's own class (``backbone.kwargs``, the ``img_size`` of a ViT), with a plain value.
-    ``timm.create_model``'s own loading arguments (``checkpoint_path``, ``pretrained_cfg_overlay``, ``cache_dir``,
-    ...) belong to no architecture, so a crafted checkpoint cannot make the model builder open a file."""
+    """A checkpoint's ``model_kwargs``, refused in one line unless every key is one visionft can have written there
+    (``backbone.kwargs``, the ``img_size`` of a ViT): an argument of the architecture's own class or one of timm's
+    build flags (``scriptable``, ``pretrained_strict``, ...), with a plain value. timm's loading arguments
+    (``checkpoint_path``, ``pretrained_cfg_overlay``, ``cache_dir``, ...) are refused as training refuses them, so a
+    crafted checkpoint cannot make the model builder open a file."""
     import inspect
     import reprlib
+
+    from visionft.backbones import TIMM_BUILD_FLAGS, refuse_loading_kwargs
 
     kwargs = meta.get("model_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise UsageError(f"{source}: its model_kwargs are a {type(kwargs).__name__}, not a mapping of timm "
                          f"arguments: refusing to build the model from this checkpoint")
+    refuse_loading_kwargs(kwargs, f"{source}: model_kwargs")
     arch = _architecture(meta["timm_name"], source)
-    allowed = set(inspect.signature(arch.__init__).parameters) - {"self", "num_classes", "device", "dtype"}
+    allowed = (set(inspect.signature(arch.__init__).parameters) | TIMM_BUILD_FLAGS) - {"self", "num_classes",
+                                                                                        "device", "dtype"}
     bad = [f"{k}={reprlib.repr(v)}" for k, v in kwargs.items() if k not in allowed or not _plain(v)]
     if bad:
         raise UsageError(f"{source}: its model_kwargs hold {', '.join(bad)}, which visionft never writes there "
-                         f"(only plain arguments of {arch.__name__}): refusing to build the model from this checkpoint")
+                         f"(only plain arguments of {arch.__name__} and timm's build flags): refusing to build the "
+                         f"model from this checkpoint")
     return kwargs
 
 
