@@ -212,6 +212,8 @@ def build(dm, device: torch.device, cache_root=None) -> dict[str, tuple]:
     cache = FeatureCache(cache_root, kind="images")
     crop = float(dm.eval_crop_pct or 1.0)
     need = parse(dm.augment)[0].min_source(dm.image_size)  # training images keep this much (see stored_side)
+    evals = sum(3 * dm.image_size ** 2 * len(s) for n, s in dm.splits.items() if n != "train") / 2 ** 20
+    budget = dm.resident_max_mb - evals  # what the training canvas may take
     out = {}
     for name, split in dm.splits.items():
         labels = torch.as_tensor(split.labels, dtype=torch.long)
@@ -219,15 +221,14 @@ def build(dm, device: torch.device, cache_root=None) -> dict[str, tuple]:
             x = stack(split.images, None if name == "train" else eval_transform(dm.image_size, dm.interpolation, crop))
             out[name] = (x.to(device), labels.to(device), None)
             continue
-        role = f"train side {need} budget {dm.resident_max_mb}" if name == "train" else f"eval crop {crop}"
+        role = f"train side {need} budget {budget:.6f}" if name == "train" else f"eval crop {crop}"
         hit = cache.read(_key(dm, split, role))
         sizes_hit = cache.read({**_key(dm, split, role), "what": "sizes"}) if name == "train" else None
         files = (split.load(i) for i in range(len(split)))
         if hit is not None and (name != "train" or sizes_hit is not None):
             x, sizes = hit.x, sizes_hit.x if sizes_hit is not None else None
         elif name == "train":
-            evals = sum(3 * dm.image_size ** 2 * len(s) for n, s in dm.splits.items() if n != "train") / 2 ** 20
-            side = stored_side(split.images, dm.image_size, need, dm.resident_max_mb - evals)
+            side = stored_side(split.images, dm.image_size, need, budget)
             x, sizes = train_canvas(files, side, dm.interpolation, dm.resident_max_mb)
             cache.write({**_key(dm, split, role), "what": "sizes"}, Features(sizes, labels))
         else:
