@@ -262,3 +262,17 @@ def test_a_reused_run_dir_forgets_its_old_final_model(tiny_cfg, tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "final.ckpt").exists() and m["final_checkpoint"].endswith("best.ckpt")
     loaded = torch.load(m["final_checkpoint"], map_location="cpu", weights_only=True)
     assert loaded["hyper_parameters"]["strategy"]["_target_"].endswith("Full")
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["loss.class_weights=balanced"], None),
+    (["loss.class_weights=balanced", "loss.label_smoothing=0.1", "loss.mixup=0.2"],
+     "loss.label_smoothing, loss.mixup do not apply"),
+])
+def test_the_probe_warns_only_about_options_it_ignores(tiny_cfg, tmp_path, caplog, overrides, named):
+    cfg = tiny_cfg("strategy=linear_probe", "strategy.cache=false", *overrides, output_dir=tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="visionft.train"):
+        train(cfg)
+    warned = [r.getMessage() for r in caplog.records if "closed form" in r.getMessage()]
+    assert warned == ([] if named is None else [f"strategy LinearProbe solves its head in closed form on cached "
+                                                f"features: {named}"]), warned

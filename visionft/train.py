@@ -45,6 +45,7 @@ from visionft.shipped import ValPredictions, check_val_predictions, chosen_model
 from visionft.wise import same_at_every_alpha, snapshot, wise_ft
 
 log = logging.getLogger(__name__)
+NOT_IN_PROBE = ("label_smoothing", "mixup", "cutmix")  # loss options a closed-form probe head does not use
 
 
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
@@ -138,9 +139,10 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
                          f"tensors WiSE-FT keeps as trained at both ends (the head, and randomly initialized ones "
                          f"such as prompt tokens, whose start is no pretrained model) and freezes the rest, so every "
                          f"alpha gives the fine-tuned model: drop wise.alphas")
-    if not module.strategy.gradient_fit and (cfg.compile or any(cfg.loss.values())):
-        log.warning("strategy %s solves its head in closed form on cached features: compile and loss.* options "
-                    "do not apply", module.strategy.name)
+    unused = [k for k, on in (("compile", cfg.compile), *((f"loss.{k}", cfg.loss[k]) for k in NOT_IN_PROBE)) if on]
+    if not module.strategy.gradient_fit and unused:
+        log.warning("strategy %s solves its head in closed form on cached features: %s do%s not apply",
+                    module.strategy.name, ", ".join(unused), "es" if len(unused) == 1 else "")
     if cfg.compile:
         from visionft.compile import maybe_compile
 
