@@ -62,3 +62,22 @@ def test_the_curve_is_drawn_without_switching_the_global_backend(tmp_path):
     assert r.returncode == 0, r.stderr[-1500:]
     assert r.stdout.split() == ["svg", "False"]
     assert (tmp_path / "alpha_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("alphas, chosen, carries_base", [("[1]", 1.0, False), ("[0.5]", 0.5, True)])
+def test_the_adapter_artifact_carries_base_weights_only_when_wise_moved_them(tiny_cfg, tmp_path, alphas, chosen,
+                                                                           carries_base):
+    """LoHa interpolates along the merged line, which moves the adapted layers' base weights for alpha < 1 only."""
+    from safetensors import safe_open
+
+    from visionft.strategies.lora import ADAPTER_FILE
+    from visionft.train import train
+
+    out = tmp_path / "run"
+    m = train(tiny_cfg("strategy=peft", "strategy.method=loha", "+strategy.options={r: 2}", f"wise.alphas={alphas}",
+                       output_dir=out))
+    assert m["wise"]["alpha"] == chosen
+    with safe_open(str(out / ADAPTER_FILE), "pt") as f:
+        keys = list(f.keys())
+    assert any(".hada_w" in k for k in keys)
+    assert any(k.endswith(".base_layer.weight") for k in keys) is carries_base, keys

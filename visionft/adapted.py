@@ -13,7 +13,8 @@ adapters, prompt tokens, bottleneck adapters) by name.
 - ``artifact_state()``: the tensors of a strategy's small artifact file (``None``: no artifact);
 - ``wise_anchor(start, end)``: the state WiSE-FT interpolates from (``visionft.wise``): by default the state at the
   start of fit; a wrapper replaces entries whose starting value does not change the function (a low-rank
-  adapter's down-projection while its up-projection is zero), so that interpolating scales what it added.
+  adapter's down-projection while its up-projection is zero), so that interpolating scales what it added;
+- ``wise_chosen(alpha)``: told the alpha WiSE-FT kept (after ``wise_anchor``).
 
 The base class is the identity wrapper: a plain timm model, trained where ``requires_grad`` is set after
 ``prepare`` (so freezing strategies such as BitFit need no subclass).
@@ -78,3 +79,6 @@ class Adapted:
 
     def wise_anchor(self, start: dict, end: dict) -> dict:
         return start
+
+    def wise_chosen(self, alpha: float) -> None:
+        pass

@@ -68,6 +68,7 @@ def wise_ft(module, trainer, dm, start: dict, alphas, out: Path, head_from_probe
     best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
     chosen = interpolate(anchor, end, best["alpha"])
     module.model.load_state_dict(trainer.strategy.broadcast(chosen, src=0) if trainer.world_size > 1 else chosen)
+    module.adapted.wise_chosen(best["alpha"])
     if trainer.is_global_zero:
         write_curve(rows, best["alpha"], out / "wise")
     return {"alpha": best["alpha"], "curve": rows}

@@ -108,7 +108,7 @@ class PeftAdapted(Adapted):
                               for a in m.adapter_layer_names}
         super().__init__(model, backbone)
         self.with_bn_stats = with_bn_stats
-        self.base_in_artifact = False
+        self.on_merged_line = self.base_in_artifact = False
 
     def _strip(self, name: str) -> str:
         for part in _PEFT_PARTS:
@@ -151,7 +151,7 @@ class PeftAdapted(Adapted):
         stay as trained, and the base weight starts at B, the weight that merges to W0 (peft's unmerge applied to
         W0). A merge is affine in the base weight (W + dW, R @ W, W * l), so lerp(B, W0, alpha) merges to
         lerp(W0, W0 + dW, alpha). Reads the live model, which holds ``end``; the artifact then carries the base
-        weights."""
+        weights, unless alpha 1 is chosen."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         anchor = {k: end[k] if self._adapter_at(self._strip(k)) >= 0 else v for k, v in start.items()}
@@ -167,8 +167,11 @@ class PeftAdapted(Adapted):
                 layer.unmerge()
                 anchor[key] = weight.detach().clone()
                 weight.copy_(w0)
-                self.base_in_artifact = True
+                self.on_merged_line = True
         return anchor
+
+    def wise_chosen(self, alpha: float) -> None:
+        self.base_in_artifact = self.on_merged_line and alpha < 1  # alpha 1: the base weights are the pretrained ones
 
     def artifact_state(self) -> dict:
         """The adapters and the head (peft's own selection) [+ BatchNorm statistics if BatchNorm trained] [+ the
