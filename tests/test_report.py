@@ -380,3 +380,13 @@ def test_the_params_plot_labels_its_x_ticks_when_every_count_lies_in_one_decade(
     low, high = ax.get_xlim()
     shown = [label.get_text() for tick, label in zip(ax.get_xticks(), ax.get_xticklabels()) if low <= tick <= high]
     assert shown == ["267k", "300k", "374k"]
+
+
+def test_the_card_lists_a_val_metric_logged_without_a_split_prefix(tmp_path):
+    from visionft.report.card import model_card
+
+    metrics = {"strategy": "full", "backbone": "test_resnet", "val": {"val/acc": 0.5, "countdown": 3.0},
+               "test": {"test/acc": 0.25}}
+    card = model_card(tmp_path, metrics, None, [], {})
+    rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("|")}
+    assert "0.25" in rows["acc"] and "3" in rows["countdown"], card

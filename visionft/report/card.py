@@ -123,8 +123,8 @@ def _model(cfg: dict, metrics: dict) -> list[str]:
 
 
 def _metrics(cfg: dict, metrics: dict) -> list[str]:
-    rows = [{"metric": k.split("/", 1)[1], "val": metrics.get("val", {}).get(k),
-             "test": metrics.get("test", {}).get(k.replace("val/", "test/"))}
+    rows = [{"metric": k.split("/", 1)[-1], "val": metrics.get("val", {}).get(k),  # 'val/acc' or an unprefixed key
+             "test": metrics.get("test", {}).get("test/" + k[4:] if k.startswith("val/") else k)}
             for k in metrics.get("val", {}) if not k.endswith("/images")]
     lines = [_md(pd.DataFrame(rows).fillna("-"))] if rows else ["(no evaluation on record)"]
     if rows:
