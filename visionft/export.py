@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionft.atomic import write_text
 from visionft.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -196,5 +197,5 @@ def export(ckpt_path: str | Path, fmt: str, out_dir: str | Path | None = None) -
 
         save_config_for_hf(model, out / "config.json", **hf)
     report = check_parity(model, load_runner(artifact), inputs, source)
-    (out / "export_check.json").write_text(json.dumps(report, indent=2))
+    write_text(out / "export_check.json", json.dumps(report, indent=2))
     return artifact, report

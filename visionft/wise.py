@@ -13,6 +13,7 @@ it."""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from pathlib import Path
 
@@ -77,11 +78,13 @@ def wise_ft(module, trainer, dm, start: dict, alphas, out: Path, head_from_probe
 def write_curve(rows: list[dict], chosen: float, folder: Path) -> None:
     from matplotlib.figure import Figure  # a figure outside pyplot: no global backend switch in a user's session
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "alpha_curve.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["alpha", "val_acc", "val_loss"])
-        w.writeheader()
-        w.writerows(rows)
+    from visionft.atomic import replacing, write_text
+
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=["alpha", "val_acc", "val_loss"])
+    w.writeheader()
+    w.writerows(rows)
+    write_text(folder / "alpha_curve.csv", table.getvalue())
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     ax.plot([r["alpha"] for r in rows], [r["val_acc"] for r in rows], marker="o")
@@ -89,4 +92,5 @@ def write_curve(rows: list[dict], chosen: float, folder: Path) -> None:
     ax.set(xlabel="alpha (0: start of fit, 1: fine-tuned)", ylabel="val accuracy", title="WiSE-FT")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "alpha_curve.png", dpi=120)
+    with replacing(folder / "alpha_curve.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from visionft.atomic import replacing
+
 
 def _figure(**kwargs):
     """A figure outside pyplot (no global backend switch in a user's notebook, nothing to close)."""
@@ -17,7 +19,8 @@ def _figure(**kwargs):
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with replacing(path, "figure") as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     return path
 
 

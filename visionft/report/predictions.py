@@ -9,6 +9,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from visionft.atomic import replacing
+
 FILE = Path("predictions") / "test.npz"
 WRONG = 25  # images in the most-confidently-wrong grid
 
@@ -71,11 +73,11 @@ def save(out: Path, probs: np.ndarray, labels: np.ndarray, classes: list[str], d
     paths = dm.splits["test"].images
     wrong_paths = [str(paths[int(i)]) for i in index] if not isinstance(paths, np.ndarray) else ["" for _ in index]
     path = out / FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, probs=probs.astype(np.float32), labels=labels.astype(np.int64),
-                        classes=np.asarray(classes, dtype=str), wrong_index=index.astype(np.int64),
-                        wrong_images=np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8),
-                        wrong_paths=np.asarray(wrong_paths, dtype=str))
+    with replacing(path, "predictions file") as tmp, open(tmp, "wb") as f:  # a file object: no '.npz' appended
+        np.savez_compressed(f, probs=probs.astype(np.float32), labels=labels.astype(np.int64),
+                            classes=np.asarray(classes, dtype=str), wrong_index=index.astype(np.int64),
+                            wrong_images=np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8),
+                            wrong_paths=np.asarray(wrong_paths, dtype=str))
     return path
 
 

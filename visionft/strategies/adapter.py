@@ -145,8 +145,11 @@ class Adapter(Strategy):
         """``adapters.safetensors``: the adapters and the head (load onto a fresh backbone wrapped by ``prepare``)."""
         from safetensors.torch import save_file
 
+        from visionft.atomic import replacing
+
         path = out / "adapters.safetensors"
-        save_file({k: v.contiguous().cpu() for k, v in adapted.artifact_state().items()}, str(path))
+        with replacing(path, "adapters file") as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in adapted.artifact_state().items()}, str(tmp))
         return [path]
 
 

@@ -193,11 +193,13 @@ def save_adapter(model: nn.Module, out: Path, state: dict) -> tuple[Path, Path]:
     """Write the adapter state as safetensors and its peft config beside it."""
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / ADAPTER_FILE))
+    from visionft.atomic import replacing, write_text
+
+    with replacing(out / ADAPTER_FILE, "adapter") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
     config = model.peft_config["default"].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str))
+    write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str), "adapter config")
     return out / ADAPTER_FILE, out / ADAPTER_CONFIG
 
 

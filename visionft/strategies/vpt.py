@@ -89,6 +89,9 @@ class Vpt(Strategy):
         """``prompts.safetensors``: the prompts and the head (load onto a fresh backbone wrapped by ``prepare``)."""
         from safetensors.torch import save_file
 
+        from visionft.atomic import replacing
+
         path = out / "prompts.safetensors"
-        save_file({k: v.contiguous().cpu() for k, v in adapted.artifact_state().items()}, str(path))
+        with replacing(path, "prompts file") as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in adapted.artifact_state().items()}, str(tmp))
         return [path]
