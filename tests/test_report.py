@@ -166,6 +166,15 @@ def test_the_probe_path_reports_from_its_cached_features(tmp_path):
     assert (table["support"].sum(), run.metrics["data"]["test"]) == (48, 48)
     card = (run.dir / "README.md").read_text()
     assert "no gradient epochs" in card and not (run.dir / "report" / "curves.png").exists()
+    # the card says how the head was fitted: by the solver, with the L2 chosen on val, not by an optimizer
+    model = card.split("## Model and strategy")[1].split("## Metrics")[0]
+    assert f"L2 {run.metrics['probe']['l2']:g} chosen on val" in model
+    assert "AdamW" not in model and "WarmupCosine" not in model and "train images/s" not in model
+    assert "| head |" in model and model.split("| head |")[1].split("\n")[0].split("|")[2].strip() == "solved"
+    knn = run.metrics["probe"]["knn"]
+    for k, acc in knn.items():  # a table row per k, not a Python dict
+        assert f"| {k.split('=')[1]} | {acc['val']:.4g} | {acc['test']:.4g} |" in card
+    assert "{'k=" not in card
 
 
 def test_a_failed_export_still_leaves_the_report(tmp_path, monkeypatch):

@@ -60,14 +60,15 @@ def write_outputs(metrics: dict, cfg: DictConfig, out: Path) -> None:
 
 def summary(m: dict, out: Path) -> str:
     """The closing lines: the final numbers and what they were computed on (val when there is no test split)."""
-    from visionft.report.card import evaluated_on
+    from visionft.report.card import evaluated_on, solved
 
+    fit = solved(m) or f"{m['train_images_per_s']:.0f} train img/s"
     split = "val" if not m["test"] and (m.get("data") or {}).get("test") == 0 else "test"
     t, alone = m[split], " (no separate test set: data.test_fraction=0)" if split == "val" else ""
     return (f"\n{m['strategy']} on {m['backbone']} ({m['weights']}): {split} acc "
             f"{t.get(f'{split}/acc', float('nan')):.4f}, macro-F1 {t.get(f'{split}/f1_macro', float('nan')):.4f}"
             f"{alone}\non {evaluated_on(m, split)}\ntrained over the run: {m['trainable_params']:,} of "
-            f"{m['total_params']:,} params; {m['train_images_per_s']:.0f} train img/s; {m['wall_time_s']:.0f} s\n"
+            f"{m['total_params']:,} params; {fit}; {m['wall_time_s']:.0f} s\n"
             f"{final_model_lines(m)}outputs: {out}\n")
 
 

@@ -99,23 +99,37 @@ def shipped(metrics: dict) -> str:
             f"{', '.join(c.get('trainable_groups') or []) or 'none'}")
 
 
+def solved(metrics: dict) -> str | None:
+    """How a closed-form probe head was fitted (None when the head trained by gradient)."""
+    probe = metrics.get("probe") or {}
+    if probe.get("l2") is None:
+        return None
+    return (f"solved in closed form: L-BFGS logistic regression on cached frozen features, L2 {probe['l2']:g} chosen "
+            f"on val; embedding {probe.get('embed_s', 0):.1f} s, solve {probe.get('solve_s', 0):.1f} s")
+
+
 def _model(cfg: dict, metrics: dict) -> list[str]:
     s = {k: v for k, v in cfg.get("strategy", {}).items() if k != "_target_"}
     trained, total = metrics.get("trainable_params", 0), metrics.get("total_params", 0) or 1
+    probe, precision = solved(metrics), metrics.get("precision") or cfg.get("trainer", {}).get("precision")
+    fit = probe or (f"{metrics.get('epochs', 0)} epochs, {metrics.get('train_images_per_s', 0):,.0f} train images/s; "
+                    f"optimizer `{cfg.get('optimizer', {}).get('_target_', '')}`, schedule "
+                    f"`{cfg.get('scheduler', {}).get('_target_', '')}`")
     lines = [f"- backbone: `{metrics.get('backbone')}`, weights: {metrics.get('weights')}",
              f"- strategy: **{metrics.get('strategy')}** (`{cfg.get('strategy', {}).get('_target_', '')}`), options: "
              f"{', '.join(f'{k}={v}' for k, v in s.items())}",
-             f"- trained over the run: {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%), "
-             f"{metrics.get('epochs', 0)} epochs, {metrics.get('train_images_per_s', 0):,.0f} train images/s, "
-             f"wall time {metrics.get('wall_time_s', 0):,.0f} s",
-             *([f"- final model: {shipped(metrics)}"] if metrics.get("chosen") else []),
-             f"- optimizer: `{cfg.get('optimizer', {}).get('_target_', '')}`, schedule: "
-             f"`{cfg.get('scheduler', {}).get('_target_', '')}`, precision: {metrics.get('precision') or cfg.get('trainer', {}).get('precision')}"]
+             f"- trained over the run: {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%), {fit}; "
+             f"precision {precision}, wall time {metrics.get('wall_time_s', 0):,.0f} s",
+             *([f"- final model: {shipped(metrics)}"] if metrics.get("chosen") else [])]
     groups = metrics.get("param_groups")
     if groups:
         cols = ["group", "params", "base_lr", "trainable", "bn"]
+        table = pd.DataFrame(groups)[[c for c in cols if c in groups[0]]].astype(object)
+        if probe:  # the head is fitted by the solver, not by an optimizer's param group
+            head = table["group"] == "head"
+            table.loc[head, "trainable"], table.loc[head, "base_lr"] = "solved", "-"
         lines += ["", "Param groups at the end of training (what trained, at which LR, BatchNorm mode):", "",
-                  _md(pd.DataFrame(groups)[[c for c in cols if c in groups[0]]])]
+                  _md(table)]
     opens = entered_opens(metrics)
     if opens:
         lines += ["", "Groups opened after the start: " + ", ".join(f"{g} at epoch {e}" for g, e in opens.items())]
@@ -134,8 +148,11 @@ def _metrics(cfg: dict, metrics: dict) -> list[str]:
         lines.append(f"- model: the final model, {shipped(metrics).split(';')[0]}")
     if "wise" in metrics:
         lines.append(f"\nWiSE-FT: alpha {metrics['wise']['alpha']:g} chosen on val (curve: `wise/alpha_curve.png`)")
-    if "probe" in metrics and metrics["probe"].get("knn"):
-        lines.append(f"\nk-NN on the frozen features: {metrics['probe']['knn']}")
+    knn = (metrics.get("probe") or {}).get("knn")
+    if knn:
+        rows = [{"k": k.split("=", 1)[-1], **{s: v.get(s, "-") for s in ("val", "test")}} for k, v in knn.items()]
+        lines += ["", "k-NN accuracy on the frozen features (cosine, the training split as the bank):", "",
+                  _md(pd.DataFrame(rows))]
     return lines
 
 
