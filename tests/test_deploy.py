@@ -260,3 +260,21 @@ def test_predict_takes_a_checkpoint_or_a_run_directory_and_scores_a_labelled_fol
     # the data root holds train/ val/ test/, not class folders: no label, no accuracy
     rows, _ = predict(best, [str(root)], topk=1)
     assert len(rows) == 114 and accuracy(rows) is None and "true_label" not in rows[0]
+
+
+def test_predict_refuses_a_bad_topk_and_inputs_with_no_readable_image(tmp_path, capsys):
+    """`--topk 0` / `--topk -3` and inputs with no readable image (which exited 0 with "0 images predicted") are
+    one line each, exit 2, checked before the model is loaded where they can be."""
+    from conftest import TINY, compose_cfg
+    from visionft import cli
+
+    for k in ("0", "-3"):
+        assert cli.run("predict", ["--model", str(tmp_path / "any.pt"), "--inputs", str(tmp_path), "--topk", k]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --topk {k} must be an integer >= 1"
+    cfg = compose_cfg([*TINY, "trainer.max_epochs=1"], tmp_path / "run")
+    train(cfg)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jpg").write_bytes(b"not an image")
+    assert cli.run("predict", ["--model", str(tmp_path / "run"), "--inputs", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("unreadable:") and err[-1].startswith("error: no readable image under")

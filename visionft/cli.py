@@ -9,7 +9,7 @@ import os
 import sys
 
 from visionft.cache_cli import cache_main
-from visionft.errors import user_errors
+from visionft.errors import UsageError, user_errors
 from visionft.export import FORMATS
 
 
@@ -38,6 +38,9 @@ def predict_main(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="write predictions as CSV here (true_label: a labelled folder's)")
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args(argv)
+    for flag, value in (("--topk", a.topk), ("--batch-size", a.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} {value} must be an integer >= 1")
     rows, failed = predict(a.model, a.inputs, a.topk, a.out, a.batch_size)
     for r in rows if not a.out else []:
         print(r["path"], r["label_1"], r["prob_1"])
@@ -48,6 +51,8 @@ def predict_main(argv: list[str]) -> int:
               + (f"; {len(failed)} unreadable not counted" if failed else "") + ")")
     for path, why in failed:
         print(f"unreadable: {path}: {why}", file=sys.stderr)
+    if not rows:
+        raise UsageError(f"no readable image under {' '.join(a.inputs)}: pass image files or folders holding them")
     return 0
 
 
