@@ -140,3 +140,21 @@ def test_training_refuses_a_timm_loading_argument_in_one_line(tmp_path):
     assert done.returncode == 2, done.stderr[-1500:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "backbone.kwargs: checkpoint_path=" in lines[0] and "backbone.checkpoint" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["export", "embed"])
+def test_an_empty_or_cut_checkpoint_is_one_line(tmp_path, capsys, command):
+    """A 0-byte checkpoint (a write killed before its first byte) and one cut short: one line, exit 2, for export and
+    embed alike (a 0-byte file ended in an IndexError traceback)."""
+    from visionft import cli
+
+    empty, cut = tmp_path / "empty.ckpt", tmp_path / "cut.ckpt"
+    empty.write_bytes(b"")
+    cut.write_bytes(b"PK\x03\x04")
+    for ckpt in (empty, cut):
+        argv = (["--ckpt", str(ckpt), "--format", "onnx"] if command == "export" else
+                ["--ckpt", str(ckpt), "--inputs", str(tmp_path), "--out", str(tmp_path / "f.npz")])
+        assert cli.run(command, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and str(ckpt) in err[0], err
+        assert ("empty file (0 bytes)" if ckpt == empty else "not a readable checkpoint") in err[0], err

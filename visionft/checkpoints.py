@@ -48,17 +48,24 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what}={path} does not exist")
+    if Path(path).stat().st_size == 0:
+        raise UsageError(f"{what}={path} is an empty file (0 bytes): a write that never finished; use another "
+                         f"checkpoint (best.ckpt, last.ckpt)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower():
             raise UsageError(f"{what}={path} holds pickled Python objects, which visionft never loads (unpickling "
                              f"can run code): use a checkpoint saved with plain tensors (any visionft checkpoint)") from None
-        raise UsageError(f"{what}={path} is not a readable checkpoint ({str(e).splitlines()[0][:100]}): it is "
-                         f"corrupt or truncated; use another one (best.ckpt, last.ckpt)") from None
+        raise unreadable(path, what, e) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UsageError(f"{what}={path} is not a readable checkpoint ({str(e).splitlines()[0][:100]}): it is "
-                         f"corrupt or truncated; use another one (best.ckpt, last.ckpt)") from None
+        raise unreadable(path, what, e) from None
+
+
+def unreadable(path, what: str, e: Exception) -> UsageError:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+    return UsageError(f"{what}={path} is not a readable checkpoint ({reason}): it is corrupt or truncated; use "
+                      f"another one (best.ckpt, last.ckpt)")
 
 
 def run_checkpoint(path: str | Path) -> Path:
