@@ -190,15 +190,11 @@ def train_canvas(images, side: int, interpolation: str, budget_mb: float) -> tup
 
 
 def _key(dm, split, role: str) -> dict:
-    import albumentations
-    import cv2
-    import PIL
-
+    from visionft.featurecache import versions
     from visionft.features import split_hash
 
     return {"resident": 2, "data": split_hash(split.images, split.labels), "size": dm.image_size,
-            "interpolation": dm.interpolation, "role": role, "albumentations": albumentations.__version__,
-            "cv2": cv2.__version__, "pillow": PIL.__version__}
+            "interpolation": dm.interpolation, "role": role, **versions()}
 
 
 def build(dm, device: torch.device, cache_root=None) -> dict[str, tuple]:

@@ -34,13 +34,18 @@ def write_synced(path: Path, data) -> None:
         os.fsync(f.fileno())
 
 
+def temporary(path: Path) -> Path:
+    """The temporary file a write of ``path`` goes to before its rename (per host and process, hidden)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 @contextmanager
 def replacing(path: Path, what: str = "file", then: str = "run again"):
     """Yields a temporary path beside ``path``: whatever is written there replaces ``path`` when the block ends.
     An OSError (in the block or the rename) removes the temporary file and becomes a ``WriteFailed``/``DiskFull``
     saying ``<cause> writing <path> (the previous <what> there is intact): free space, then <then>``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp = temporary(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 
+from visionft.atomic import temporary
 from visionft.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,7 @@ def limit_bytes() -> int | None:
     return None if _state["max_gb"] is None else int(_state["max_gb"] * 1e9)
 
 
-def tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+tmp_path = temporary  # the cache's temporaries are named as every atomic write's (visionft.atomic)
 
 
 def touch(path: Path) -> None:
