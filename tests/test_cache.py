@@ -182,3 +182,24 @@ def test_a_bad_cap_is_a_usage_error(tiny_cfg, tmp_path):
 
     with pytest.raises(UsageError, match=r"paths.cache_max_gb=-1 must be a number of GB >= 0"):
         train(tiny_cfg("strategy=linear_probe", "++paths.cache_max_gb=-1", output_dir=tmp_path / "run"))
+
+
+def test_a_folder_evicted_between_mkdir_and_write_is_made_again(tmp_path, monkeypatch):
+    """Another process's eviction removes an emptied key folder: the write makes it again instead of turning the
+    cache off for the rest of the run."""
+    import safetensors.torch
+
+    from visionft import cachedir
+
+    real, calls = safetensors.torch.save_file, []
+
+    def racing(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 1:
+            Path(filename).parent.rmdir()  # the folder vanishes just before the first write
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", racing)
+    path = tmp_path / "features" / "key" / "block.safetensors"
+    assert cachedir.save_tensors(tmp_path, path, {"x": torch.ones(2)}, {"key": "k"}) and path.is_file()
+    assert len(calls) == 2

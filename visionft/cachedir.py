@@ -161,9 +161,15 @@ def save_tensors(root: Path, path: Path, tensors: dict, metadata: dict) -> bool:
         return False
     tmp = tmp_path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        for attempt in (1, 2):  # another process's eviction may remove the emptied folder between mkdir and write
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                save_file(tensors, str(tmp), metadata=metadata)
+                os.replace(tmp, path)
+                break
+            except (FileNotFoundError, SafetensorError):
+                if attempt == 2 or path.parent.is_dir():
+                    raise
     except (OSError, SafetensorError) as e:  # read-only, full, not a folder: the run goes on without the cache
         cannot_write(root, path, e)
         try:
