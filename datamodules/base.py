@@ -15,6 +15,7 @@ from datamodules.transforms import eval_transform, to_chw_uint8, train_transform
 from visionft.errors import UsageError
 
 log = logging.getLogger(__name__)
+SAMPLERS = (None, "balanced")  # data.sampler: the training epoch's draw (datamodules.loaders.EpochOrder)
 
 
 @dataclass
@@ -100,8 +101,13 @@ class ClassificationDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         resident: bool | str = "auto",
         resident_max_mb: int = 2048,
+        sampler: str | None = None,
     ) -> None:
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise UsageError(f"data.sampler={sampler!r} must be null (each image once per epoch, shuffled) or balanced "
+                             f"(every class drawn equally often)")
+        self.sampler = sampler
         _check_ranges(batch_size, eval_batch_size, num_workers, val_fraction, test_fraction, per_class, test_from)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -152,6 +158,14 @@ class ClassificationDataModule(L.LightningDataModule):
         self.setup()
         return np.bincount(self.splits["train"].labels, minlength=self.num_classes)
 
+    def sample_weights(self) -> torch.Tensor | None:
+        """``data.sampler=balanced``: each training image's draw weight, 1 / its class's count (every class equally
+        likely per draw); None: each image once per epoch."""
+        if self.sampler != "balanced":
+            return None
+        labels = torch.as_tensor(self.splits["train"].labels)
+        return 1.0 / torch.as_tensor(self.class_counts(), dtype=torch.double)[labels]
+
     def sizes(self) -> dict[str, int]:
         self.setup()
         return {k: len(v) for k, v in self.splits.items()}
@@ -201,16 +215,24 @@ class ClassificationDataModule(L.LightningDataModule):
         with the loader's own generator (iterating never touches the global RNG)."""
         from datamodules.loaders import ResumableLoader, SeededDataset, mix
 
+        trainer = getattr(self, "trainer", None)
+        if shuffle and self.sampler and trainer is not None and trainer.world_size > 1:
+            raise UsageError(f"data.sampler={self.sampler} runs on one process only: with {trainer.world_size} "
+                             f"processes use loss.class_weights=balanced instead")
         on_device = self.resident_splits()
         if on_device is not None:
-            return self._resident_loader(split, shuffle, *on_device[split])
+            loader = self._resident_loader(split, shuffle, *on_device[split])
+            if shuffle:
+                loader.order.weights = self.sample_weights()
+            return loader
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         common = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0, "pin_memory": pin}
         drop_last = shuffle and len(self.splits[split]) > self.batch_size
-        trainer = getattr(self, "trainer", None)
         if shuffle and (trainer is None or trainer.world_size == 1):
-            return ResumableLoader(SeededDataset(self.dataset(split), self.seed), self.batch_size, shuffle, drop_last,
-                                   self.seed, trainer_of=lambda: getattr(self, "trainer", None), **common)
+            loader = ResumableLoader(SeededDataset(self.dataset(split), self.seed), self.batch_size, shuffle, drop_last,
+                                     self.seed, trainer_of=lambda: getattr(self, "trainer", None), **common)
+            loader.order.weights = self.sample_weights()
+            return loader
         return DataLoader(self.dataset(split), batch_size=self.batch_size if split == "train" else self.eval_batch_size,
                           shuffle=shuffle, drop_last=drop_last,
                           generator=torch.Generator().manual_seed(mix(self.seed, 2)), **common)

@@ -3,7 +3,10 @@ sees exactly the samples, order and augmentations an uninterrupted run sees.
 
 - ``EpochOrder``: the epoch's shuffle is ``randperm(n)`` from a generator seeded by (seed, epoch); it yields
   ``(epoch, index)`` keys, and ``SeededDataset`` seeds the augmentation of each sample by (seed, epoch, index), so
-  the result does not depend on worker processes or on what ran before.
+  the result does not depend on worker processes or on what ran before. With per-sample ``weights``
+  (``data.sampler=balanced``: 1 / the sample's class count) the epoch is instead ``n`` draws with replacement
+  (torch's ``WeightedRandomSampler``, same generator), keyed ``(epoch, index, draw)`` so that an image drawn twice
+  is augmented twice, differently.
 - ``ResumableLoader``: a DataLoader with Lightning's ``state_dict``/``load_state_dict`` protocol: its state is the
   epoch and the number of batches the loop has taken; after a mid-epoch restore its next iteration skips those
   batches. The epoch of a fresh iteration is the trainer's (read when the iterator is created, before any worker
@@ -12,7 +15,7 @@ sees exactly the samples, order and augmentations an uninterrupted run sees.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 
 def mix(*parts: int) -> int:
@@ -35,16 +38,17 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        epoch, i = key if isinstance(key, tuple) else (0, key)
-        self.dataset.transform.set_random_seed(mix(self.seed, epoch, i) % (2**32))
+        epoch, i, *draw = key if isinstance(key, tuple) else (0, key)
+        self.dataset.transform.set_random_seed(mix(self.seed, epoch, i, *draw) % (2**32))
         return self.dataset[i]
 
 
 class EpochOrder(Sampler):
-    """The (epoch, index) keys of one epoch: shuffled by (seed, epoch) or in order, from position ``skip`` on."""
+    """The (epoch, index) keys of one epoch: shuffled by (seed, epoch) or in order, from position ``skip`` on; with
+    ``weights`` (one per sample), ``n`` weighted draws with replacement by (seed, epoch), keyed (epoch, index, draw)."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
-        self.n, self.seed, self.shuffle = n, int(seed), shuffle
+    def __init__(self, n: int, seed: int, shuffle: bool, weights: torch.Tensor | None = None) -> None:
+        self.n, self.seed, self.shuffle, self.weights = n, int(seed), shuffle, weights
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this; the loader has already fixed the epoch
@@ -54,12 +58,16 @@ class EpochOrder(Sampler):
         if not self.shuffle:
             return list(range(self.n))
         g = torch.Generator().manual_seed(mix(self.seed, self.epoch))
+        if self.weights is not None:
+            return list(WeightedRandomSampler(self.weights, self.n, replacement=True, generator=g))
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self):
-        epoch, keys = self.epoch, self.order()[self.skip:]
+        epoch, keys, skip = self.epoch, self.order(), self.skip
         self.skip = 0
-        return iter([(epoch, i) for i in keys])
+        if self.weights is not None:
+            return iter([(epoch, i, k) for k, i in enumerate(keys) if k >= skip])
+        return iter([(epoch, i) for i in keys[skip:]])
 
     def __len__(self) -> int:
         return self.n

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from datamodules.imagefolder import BadImages
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
 from visionft import cachedir
+from visionft import imbalance
 from visionft.callbacks import Interrupted, Preemption
 from visionft.checkpoints import (
     check_fits,
@@ -39,6 +40,7 @@ from visionft.outputs import (  # noqa: F401
 )
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
 from visionft.resume import resume_command
+from visionft import runfolder
 from visionft.report.predictions import TestPredictions, feature_probs
 from visionft.report.predictions import save as save_predictions
 from visionft.shipped import ValPredictions, check_val_predictions, chosen_model, confusion_of, selected_by
@@ -119,7 +121,10 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     check_options(cfg)
+    if problem := runfolder.inside_data(cfg, out):
+        raise UsageError(problem)
     out.mkdir(parents=True, exist_ok=True)
+    runfolder.claim(cfg, out)  # locked until train() returns; a run already in it refused, resumed or replaced
     write_overrides(overrides, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cachedir.set_limit(cfg.paths.get("cache_max_gb", cachedir.DEFAULT_MAX_GB))
@@ -151,6 +156,7 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
     trainer.callbacks.append(ValPredictions(module.meta["classes"]))  # val prediction counts: collapse check
     log.info("backbone %s (weights: %s), data %s: %s", backbone.name, backbone.weights, type(dm).__name__,
              "; ".join(f"{s} {n:,} images ({dm.split_origin.get(s, '?')})" for s, n in dm.sizes().items()))
+    imbalance.warn(dm, module)  # per-class training counts: one line when a class is tiny and nothing weighs it up
     return Parts(out, dm, backbone, module, trainer, ckpt, speed)
 
 
@@ -175,12 +181,11 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
         check_fits(stored, p.module, f"the checkpoint {resume}")
     try:
         p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume)
-    except SIGTERMException:
+    except (SIGTERMException, SystemExit, KeyboardInterrupt) as e:  # SystemExit: Lightning's on a 2nd Ctrl+C
         stop = next(c for c in p.trainer.callbacks if isinstance(c, Preemption))
-        raise Interrupted(f"{stop.signal_name} received: stopped at epoch {p.trainer.current_epoch}, step "
-                          f"{p.trainer.global_step}; resumable checkpoint {stop.saved}. Resume with: "
-                          f"{resume_command(p.out)}",
-                          stop.signal_name) from None
+        if not isinstance(e, SIGTERMException) and not stop.at_once:
+            raise
+        raise stop.interrupted(p.out, p.trainer) from None
     return fitted_model(p), probe, wise_start
 
 
@@ -224,6 +229,7 @@ def record(p: Parts, final: str, probe: ProbeRun | None, start: float) -> dict:
         "strategy": p.module.strategy.name,
         "data": p.dm.sizes(),
         "split_origin": dict(p.dm.split_origin),
+        **imbalance.recorded(p.dm, p.module),  # class_counts (train), and the imbalance warning if any
         **({"probe": probe.summary()} if probe is not None else {}),
         "precision": str(p.trainer.precision),
         "steps_per_epoch": clock.steps_per_epoch if clock is not None else None,
@@ -270,6 +276,7 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
     return final
 
 
+@runfolder.releasing  # the output folder's lock, however the run ends
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``, or the probe, or the WiSE-FT
     choice) on val and test, write ``metrics.json``, ``config.yaml`` and the report (``README.md``, ``report/``)

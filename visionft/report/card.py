@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from visionft.imbalance import card_line
+
 ARTIFACTS = ["checkpoints/*.ckpt", "export/*/*", "adapter/*", "*.safetensors", "wise/*", "predictions/*",
              "bad_images.csv", "metrics.json", "config.yaml", "overrides.yaml", "csv/metrics.csv"]
 
@@ -86,6 +88,7 @@ def _data(cfg: dict, metrics: dict) -> list[str]:
                               "augment", "seed") if d.get(k) is not None}
     return [f"- datamodule: `{d.get('_target_', '?')}`", "- splits:",
             *(f"  - {k}: {v:,} images{f' ({origin[k]})' if k in origin else ''}" for k, v in sizes.items()),
+            *card_line(metrics),
             *(f"- `data.{k}`: {v}" for k, v in opts.items())]
 
 
