@@ -40,7 +40,6 @@ from visionft.outputs import (  # noqa: F401
 )
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
 from visionft.resume import resume_command
-from visionft import runfolder
 from visionft.report.predictions import TestPredictions, feature_probs
 from visionft.report.predictions import save as save_predictions
 from visionft.shipped import ValPredictions, check_val_predictions, chosen_model, confusion_of, selected_by
@@ -121,10 +120,7 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     check_options(cfg)
-    if problem := runfolder.inside_data(cfg, out):
-        raise UsageError(problem)
     out.mkdir(parents=True, exist_ok=True)
-    runfolder.claim(cfg, out)  # locked until train() returns; a run already in it refused, resumed or replaced
     write_overrides(overrides, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cachedir.set_limit(cfg.paths.get("cache_max_gb", cachedir.DEFAULT_MAX_GB))
@@ -181,11 +177,12 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
         check_fits(stored, p.module, f"the checkpoint {resume}")
     try:
         p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume)
-    except (SIGTERMException, SystemExit, KeyboardInterrupt) as e:  # SystemExit: Lightning's on a 2nd Ctrl+C
+    except SIGTERMException:
         stop = next(c for c in p.trainer.callbacks if isinstance(c, Preemption))
-        if not isinstance(e, SIGTERMException) and not stop.at_once:
-            raise
-        raise stop.interrupted(p.out, p.trainer) from None
+        raise Interrupted(f"{stop.signal_name} received: stopped at epoch {p.trainer.current_epoch}, step "
+                          f"{p.trainer.global_step}; resumable checkpoint {stop.saved}. Resume with: "
+                          f"{resume_command(p.out)}",
+                          stop.signal_name) from None
     return fitted_model(p), probe, wise_start
 
 
@@ -276,7 +273,6 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
     return final
 
 
-@runfolder.releasing  # the output folder's lock, however the run ends
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``, or the probe, or the WiSE-FT
     choice) on val and test, write ``metrics.json``, ``config.yaml`` and the report (``README.md``, ``report/``)
