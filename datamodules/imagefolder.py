@@ -17,6 +17,7 @@ from datamodules import folders
 from datamodules.base import ClassificationDataModule, Split
 from datamodules.images import check_files, image_extensions, read_rgb  # noqa: F401  (read_rgb: the one reader)
 from visionft.errors import UsageError
+from visionft.logs import printable
 
 log = logging.getLogger(__name__)
 POLICIES = ("skip", "error")
@@ -81,7 +82,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         if not self.rejected:
             return
         if self.on_bad_image == "error":
-            first = "; ".join(f"{p}: {r}" for p, r in list(self.rejected.items())[:3])
+            first = "; ".join(f"{printable(p)}: {printable(r)}" for p, r in list(self.rejected.items())[:3])
             raise BadImages(f"{len(self.rejected)} unusable image file(s) under {self.root} ({first}"
                             f"{'; ...' if len(self.rejected) > 3 else ''}): fix or remove them, or pass "
                             f"data.on_bad_image=skip to train without them", self.rejected)

@@ -126,7 +126,7 @@ def _cache_file(cache_dir, paths: list[str]) -> Path | None:
     if not cache_dir or not paths:
         return None
     root = os.path.commonpath([os.path.abspath(p) for p in paths])
-    digest = hashlib.sha256(f"{CHECK_FORMAT}|{root}".encode()).hexdigest()[:24]
+    digest = hashlib.sha256(os.fsencode(f"{CHECK_FORMAT}|{root}")).hexdigest()[:24]
     return Path(cache_dir).expanduser() / "images" / f"{digest}.json"
 
 

@@ -27,6 +27,7 @@ def export_main(argv: list[str]) -> int:
 
 
 def predict_main(argv: list[str]) -> int:
+    from visionft.logs import printable
     from visionft.predict import accuracy, predict
 
     p = argparse.ArgumentParser(prog="visionft predict", description="Top-k predictions of a trained model; on a "
@@ -43,14 +44,14 @@ def predict_main(argv: list[str]) -> int:
             raise UsageError(f"{flag} {value} must be an integer >= 1")
     rows, failed = predict(a.model, a.inputs, a.topk, a.out, a.batch_size)
     for r in rows if not a.out else []:
-        print(r["path"], r["label_1"], r["prob_1"])
+        print(printable(r["path"]), r["label_1"], r["prob_1"])
     print(f"{len(rows)} images predicted" + (f", written to {a.out}" if a.out else ""))
     scored = accuracy(rows)
     if scored is not None:
         print(f"accuracy {scored[0]:.4f} (top-1, {scored[1]} images labelled by their class folder"
               + (f"; {len(failed)} unreadable not counted" if failed else "") + ")")
     for path, why in failed:
-        print(f"unreadable: {path}: {why}", file=sys.stderr)
+        print(f"unreadable: {printable(path)}: {printable(why)}", file=sys.stderr)
     if not rows:
         raise UsageError(f"no readable image under {' '.join(a.inputs)}: pass image files or folders holding them")
     return 0

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from visionft.errors import UsageError
+from visionft.logs import printable
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,14 @@ def write(out: Path, feats: torch.Tensor, labels: torch.Tensor, paths: list[str]
     elif out.suffix == ".parquet":
         try:
             import pandas as pd
+
+            frame = pd.DataFrame({"path": [printable(p) for p in paths], "label": labels.numpy(),  # UTF-8 strings
+                                  "class": [classes[i] if 0 <= i < len(classes) else None for i in labels.tolist()],
+                                  "features": list(feats.numpy())})
+            frame.to_parquet(out)  # pandas raises ImportError here without pyarrow or fastparquet
         except ImportError:
             raise UsageError("writing .parquet needs pandas and pyarrow (pip install pandas pyarrow); or use "
                              "--out features.npz") from None
-        frame = pd.DataFrame({"path": paths, "label": labels.numpy(),
-                              "class": [classes[i] if 0 <= i < len(classes) else None for i in labels.tolist()],
-                              "features": list(feats.numpy())})
-        frame.to_parquet(out)
     else:
         raise UsageError(f"--out {out}: the output must end in .npz or .parquet")
 

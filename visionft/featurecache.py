@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def image_ids(images) -> list[bytes]:
     if isinstance(images, np.ndarray):
         head = f"pixels|{images.dtype}|{images.shape[1:]}|".encode()
         return [hashlib.sha256(head + np.ascontiguousarray(im).tobytes()).digest() for im in images]
-    return [hashlib.sha256(f"file|{file_id(p)}".encode()).digest() for p in images]
+    return [hashlib.sha256(os.fsencode(f"file|{file_id(p)}")).digest() for p in images]
 
 
 def view_ids(ids: Sequence[bytes], views: int, seed: int) -> list[bytes]:

@@ -49,7 +49,7 @@ def split_hash(images, labels: np.ndarray) -> str:
         h.update(np.ascontiguousarray(images).tobytes())
         return h.hexdigest()
     for path in images:
-        h.update(f"{file_id(path)}\n".encode())
+        h.update(os.fsencode(f"{file_id(path)}\n"))  # the path's own bytes
     return h.hexdigest()
 
 

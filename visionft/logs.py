@@ -4,6 +4,7 @@ data, ONNX's initializer notices)."""
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 NOISE = ("💡 Tip", "Loading `train_dataloader` to estimate")
@@ -14,18 +15,42 @@ RESUME_WARNINGS = (r"Experiment logs directory .* exists and is not empty",
                    r"Checkpoint directory .* exists and is not empty")
 
 
+def printable(text) -> str:
+    """``text`` (e.g. a path) with the bytes of a file name that are not UTF-8 (Python's surrogate escapes,
+    ``caf\\udce9.png``) written as ``\\xe9``: ``caf\\xe9.png``, safe to print, log and write as UTF-8."""
+    text = str(text)
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name gives
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _Printable(logging.Filter):
+    """A line naming a file whose name is not UTF-8 is written with ``printable`` (a strict UTF-8 log file or
+    console would otherwise fail to write it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if (shown := printable(message)) != message:
+            record.msg, record.args = shown, None
+        return True
+
+
 class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(NOISE)
 
 
 def quiet_third_party(resuming: bool = False) -> None:
-    """Idempotent; called at the start of every run."""
+    """Idempotent; called at the start of every run (and of every command, once logging is configured)."""
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropNoise) for f in rank_zero.filters):
         rank_zero.addFilter(_DropNoise())
     for pattern in WARNINGS + (RESUME_WARNINGS if resuming else ()):
         warnings.filterwarnings("ignore", message=pattern)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Printable) for f in handler.filters):
+            handler.addFilter(_Printable())
     for name in ("onnxscript", "onnx_ir"):  # "Replaced initializer ...", "Removed 137 unused nodes" per pass
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from visionft.atomic import write_text
+from visionft.logs import printable
 
 log = logging.getLogger("visionft.train")
 
@@ -25,7 +26,7 @@ def write_rejected(rejected: dict[str, str], out: Path) -> Path | None:
     text = io.StringIO(newline="")
     w = csv.writer(text)
     w.writerow(["path", "reason"])
-    w.writerows(sorted(rejected.items()))
+    w.writerows((printable(p), printable(why)) for p, why in sorted(rejected.items()))
     return write_text(out / "bad_images.csv", text.getvalue())
 
 

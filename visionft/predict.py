@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from visionft.errors import UsageError
+from visionft.logs import printable
 
 log = logging.getLogger(__name__)
 
@@ -171,5 +172,5 @@ def predict(model: str | Path, inputs: list[str], topk: int = 5, out: str | Path
                     *(f"prob_{j + 1}" for j in range(k))]
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({**r, "path": printable(r["path"])} for r in rows)  # a name that is not UTF-8: caf\xe9
     return rows, failed

