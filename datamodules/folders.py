@@ -59,6 +59,17 @@ def class_folders(folder: Path) -> list[str]:
     return names
 
 
+def at_least_two(root: Path, train: Path, classes: list[str], empty: list[str] = ()) -> None:
+    """A UsageError when training would have exactly one class: there is nothing to tell apart (and the metrics
+    refuse one class). ``empty``: class folders left out for want of a usable image. None at all is not this error."""
+    if len(classes) != 1:
+        return
+    where = "" if train == root else f" in {train.name}/"
+    without = f"; {', '.join(map(repr, empty))} {'has' if len(empty) == 1 else 'have'} no usable image" if empty else ""
+    raise UsageError(f"data.root={root} has one class{where} ({classes[0]}{without}): classification needs at least "
+                     f"two class folders, {train}/<class>/<image>; add a folder of images for each other class")
+
+
 def _is_cycle(target: str, here: str) -> bool:
     return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
 

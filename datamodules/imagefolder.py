@@ -52,6 +52,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         layout = folders.find_splits(root)
         self.source_names = folders.split_names(layout, root)
         classes = folders.class_folders(layout["train"])
+        folders.at_least_two(root, layout["train"], classes)  # before any image is read
         for s, folder in layout.items():
             if s != "train":
                 folders.unknown_classes(folder, classes, image_extensions())
@@ -68,6 +69,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         if not kept:
             raise FileNotFoundError(f"no usable images found under {layout['train']} (expected "
                                     f"{layout['train']}/<class>/<image>)")
+        folders.at_least_two(root, layout["train"], kept, [c for c in classes if c not in kept])
         splits = {s: self._split(files, kept) for s, files in scans.items()}
         for s in ("val", "test"):
             if s in splits and not len(splits[s]):

@@ -84,3 +84,47 @@ def test_file_names_that_are_not_utf8_train_and_predict(tmp_path, monkeypatch, c
     rows = {row["path"]: row for row in csv.DictReader(written.read_text(encoding="utf-8").splitlines())}
     assert set(rows) == set(shown) and all(rows[p]["label_1"] == shown[p] for p in rows)
     assert rows[f"{root}/test/cat/caf\\xe9.png"]["true_label"] == "cat"
+
+
+def _folder(root: Path, layout: dict[str, int]) -> Path:
+    """``layout``: 'split/class' (or 'class') -> number of PNGs written there."""
+    for i, (where, n) in enumerate(layout.items()):
+        (root / where).mkdir(parents=True)
+        for j in range(n):
+            _png(str(root / where / f"{j}.png"), 100 * i + j)
+    return root
+
+
+def test_a_one_class_folder_is_one_line_before_any_image_is_read(tmp_path, monkeypatch, capsys):
+    """c4a2980: torchmetrics' 'Expected argument `num_classes` to be an integer larger than 1, but got 1' after a
+    26-line traceback, once every image had been checked and the model built."""
+    import datamodules.imagefolder
+
+    def never(*args, **kwargs):
+        raise AssertionError("images were read")
+
+    root = _folder(tmp_path / "one", {"cat": 3})
+    monkeypatch.setattr(datamodules.imagefolder, "check_files", never)
+    code, err = _main(monkeypatch, capsys, *FOLDER_RUN, f"data.root={root}", f"paths.output_dir={tmp_path / 'r1'}")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: data.root={root} has one class (cat): classification needs at least two class folders, "
+        f"{root}/<class>/<image>; add a folder of images for each other class"]
+    monkeypatch.undo()
+    root = _folder(tmp_path / "split", {"train/cat": 3, "train/dog": 0, "val/cat": 1})
+    (root / "train" / "dog" / "a.png").write_bytes(b"not an image")
+    code, err = _main(monkeypatch, capsys, *FOLDER_RUN, f"data.root={root}", f"paths.output_dir={tmp_path / 'r2'}")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: data.root={root} has one class in train/ (cat; 'dog' has no usable image): classification needs "
+        f"at least two class folders, {root}/train/<class>/<image>; add a folder of images for each other class")
+
+
+def test_val_and_test_folders_may_hold_one_class(tmp_path):
+    """Two training classes, val/ and test/ with one each: a legitimate run; its splits are the files on disk."""
+    from datamodules import ImageFolderDataModule
+
+    root = _folder(tmp_path / "d", {"train/cat": 3, "train/dog": 3, "val/cat": 2, "test/dog": 2})
+    dm = ImageFolderDataModule(root=str(root), batch_size=2, resident=False)
+    dm.setup()
+    assert dm.classes == ["cat", "dog"]
+    assert {s: sorted(Path(p).relative_to(root).as_posix() for p in dm.splits[s].images) for s in ("val", "test")} \
+        == {"val": ["val/cat/0.png", "val/cat/1.png"], "test": ["test/dog/0.png", "test/dog/1.png"]}
