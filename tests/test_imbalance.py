@@ -138,7 +138,8 @@ STEPS_PER_EPOCH = 4  # 64 training images, batch 16
 
 
 def _cli(root: Path, out: Path, record: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    tests = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": tests}
     args = [*RESUME, f"data.root={root}", "+callbacks.recorder._target_=resume_helpers.Recorder",
             f"+callbacks.recorder.path={record}", f"paths.output_dir={out}", *extra]
     return subprocess.run([sys.executable, "-m", "visionft", *args], capture_output=True, text=True, env=env,
