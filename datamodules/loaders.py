@@ -15,7 +15,13 @@ sees exactly the samples, order and augmentations an uninterrupted run sees.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    Sampler,
+    WeightedRandomSampler,
+)
 
 
 def mix(*parts: int) -> int:
