@@ -258,7 +258,7 @@ def test_knn_bank_is_the_eval_transform_whatever_the_views(tiny_cfg, tmp_path):
 def test_a_reused_run_dir_forgets_its_old_final_model(tiny_cfg, tmp_path):
     train(tiny_cfg("strategy=linear_probe", output_dir=tmp_path / "run"))
     assert (tmp_path / "run" / "checkpoints" / "final.ckpt").exists()
-    m = train(tiny_cfg("strategy=full", output_dir=tmp_path / "run"))
+    m = train(tiny_cfg("strategy=full", "overwrite=true", output_dir=tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints" / "final.ckpt").exists() and m["final_checkpoint"].endswith("best.ckpt")
     loaded = torch.load(m["final_checkpoint"], map_location="cpu", weights_only=True)
     assert loaded["hyper_parameters"]["strategy"]["_target_"].endswith("Full")

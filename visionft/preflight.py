@@ -1,8 +1,9 @@
 """The command line checked before Hydra runs anything, so that a typo costs one line and no model is built:
 unknown group options (listing the valid ones), unknown keys (suggesting the closest existing keys), values of the
 wrong type (against the composed default), values out of range or not among the known choices (``RULES``, every
-value of a sweep too), and an output folder that cannot be written. Nothing heavy (torch, Lightning, timm) is
-imported. ``HYDRA_FULL_ERROR=1`` skips these checks and shows Hydra's own report."""
+value of a sweep too), an output folder that cannot be written, and the run folder's own checks (inside
+``data.root``, in use by another run, holding a run: ``visionft.runfolder``). Nothing heavy (torch, Lightning,
+timm) is imported. ``HYDRA_FULL_ERROR=1`` skips these checks and shows Hydra's own report."""
 from __future__ import annotations
 
 import difflib
@@ -12,6 +13,8 @@ import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from visionft import runfolder
 
 PASS_THROUGH = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
                 "--shell-completion", "-sc", "--version", "--experimental-rerun")
@@ -195,12 +198,12 @@ def check(argv: list[str]) -> str | None:
         return None
     overrides, config_dir = split
     try:
-        return _check(overrides, config_dir)
+        return _check(overrides, config_dir, "-m" in argv or "--multirun" in argv)
     except Exception:  # noqa: BLE001 - anything unexpected here: let Hydra run and report it its own way
         return None
 
 
-def _check(overrides: list[str], config_dir: str | None) -> str | None:
+def _check(overrides: list[str], config_dir: str | None, multirun: bool = False) -> str | None:
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     overrides = [o for o in overrides if not o.startswith("hydra") or o.startswith("hydra.searchpath")]
@@ -239,5 +242,6 @@ def _check(overrides: list[str], config_dir: str | None) -> str | None:
                                   OmegaConf.select(cfg, key, throw_on_resolution_failure=False), raw)
             if problem:
                 return problem
-    return _range_problem(swept, cfg) or _unwritable(OmegaConf.select(cfg, "paths.output_dir",
-                                                                       throw_on_resolution_failure=False))
+    out = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
+    return (_range_problem(swept, cfg) or runfolder.inside_data(cfg, out, multirun) or _unwritable(out)
+            or runfolder.claim_before_hydra(cfg, out, multirun))

@@ -40,6 +40,7 @@ from visionft.outputs import (  # noqa: F401
 )
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
 from visionft.resume import resume_command
+from visionft import runfolder
 from visionft.report.predictions import TestPredictions, feature_probs
 from visionft.report.predictions import save as save_predictions
 from visionft.shipped import ValPredictions, check_val_predictions, chosen_model, confusion_of, selected_by
@@ -120,7 +121,10 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     check_options(cfg)
+    if problem := runfolder.inside_data(cfg, out):
+        raise UsageError(problem)
     out.mkdir(parents=True, exist_ok=True)
+    runfolder.claim(cfg, out)  # locked until train() returns; a run already in it refused, resumed or replaced
     write_overrides(overrides, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cachedir.set_limit(cfg.paths.get("cache_max_gb", cachedir.DEFAULT_MAX_GB))
@@ -273,6 +277,7 @@ def settle(cfg: DictConfig, p: Parts, final: str, probe: ProbeRun | None, wise_s
     return final
 
 
+@runfolder.releasing  # the output folder's lock, however the run ends
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Fit, evaluate the final model (best checkpoint by ``callbacks.monitor``, or the probe, or the WiSE-FT
     choice) on val and test, write ``metrics.json``, ``config.yaml`` and the report (``README.md``, ``report/``)
