@@ -170,6 +170,24 @@ class ClassificationDataModule(L.LightningDataModule):
         self.setup()
         return {k: len(v) for k, v in self.splits.items()}
 
+    def fingerprint(self) -> dict:
+        """What the splits hold (``datamodules.fingerprint``), saved in every checkpoint for a resume to compare."""
+        from datamodules import fingerprint
+
+        self.setup()
+        return fingerprint.of(self.splits, self.classes, self.files_root())
+
+    def changed_since(self, then: dict) -> list[str]:
+        """One phrase per difference between a checkpoint's ``fingerprint()`` and the splits now (none: the same)."""
+        from datamodules import fingerprint
+
+        self.setup()
+        return fingerprint.differences(then, self.splits, self.classes, self.files_root())
+
+    def files_root(self) -> str | None:
+        """The folder a fingerprint names image files relative to (so a moved data folder is the same data)."""
+        return None
+
     # -- loaders -------------------------------------------------------------------------------------------
     def dataset(self, split: str, train_aug: bool | None = None) -> Dataset:
         self.setup()

@@ -38,6 +38,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.root, self.on_bad_image, self.cache_dir = root, on_bad_image, cache_dir
         self.rejected: dict[str, str] = {}
 
+    def files_root(self) -> str | None:
+        return str(Path(self.root).expanduser()) if self.root else None
+
     def _scan(self, folder: Path, classes: list[str]) -> dict[str, dict[str, str]]:
         """class -> {image file under ``folder/<class>/``: its real path}."""
         ext = image_extensions()

@@ -17,6 +17,8 @@ from visionft.atomic import write_synced as _write_bytes
 from visionft.errors import UsageError
 from visionft.resume import resume_command
 
+DATA_KEY = "visionft_data"  # a checkpoint's data fingerprint (``ClassificationDataModule.fingerprint``)
+
 
 def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it: a crash or a
@@ -139,9 +141,10 @@ def save_weights(module, path: Path) -> str:
     a final model no Trainer saved (a probe without gradient epochs, a WiSE-FT choice)."""
     import lightning
 
-    attached = module._trainer is not None
+    attached, data = module._trainer is not None, getattr(module, "data_fingerprint", None)
     atomic_torch_save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                       "visionft": module.meta, "epoch": module.trainer.current_epoch if attached else 0,
+                       "visionft": module.meta, **({DATA_KEY: data} if data is not None else {}),
+                       "epoch": module.trainer.current_epoch if attached else 0,
                        "global_step": module.trainer.global_step if attached else 0,
                        "pytorch-lightning_version": lightning.__version__}, path)
     return str(path)

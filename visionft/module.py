@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from visionft.adapted import Adapted
 from visionft.backbones import Backbone
+from visionft.checkpoints import DATA_KEY
 from visionft.errors import UsageError
 from visionft.gates import Gates, GroupGates
 from visionft.optim import (
@@ -87,6 +88,7 @@ class TransferModule(L.LightningModule):
                  optimizer: Callable | None = None, schedule: Callable | None = None) -> None:
         super().__init__()
         self.meta = checkpoint_meta(backbone, num_classes, classes, geometry)
+        self.data_fingerprint: dict | None = None  # the datamodule's fingerprint(): saved in every checkpoint
         self.save_hyperparameters(hparams or {})  # plain containers only: checkpoints load weights-only
         self.model, self.strategy, self.options = adapted.model, strategy, options or TrainOptions()
         self.adapted = adapted
@@ -228,6 +230,8 @@ class TransferModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["visionft"] = self.meta
+        if self.data_fingerprint is not None:  # what a resume compares its data with
+            checkpoint[DATA_KEY] = self.data_fingerprint
 
     def param_counts(self) -> dict[str, int]:
         """Parameters that trained in the run (in the epochs it entered: a group that gradual unfreezing would open

@@ -10,19 +10,14 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from datamodules.imagefolder import BadImages
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
 from visionft import cachedir
 from visionft import imbalance
 from visionft.callbacks import Interrupted, Preemption
-from visionft.checkpoints import (
-    check_fits,
-    config_changes,
-    read_checkpoint,
-    save_weights,
-)
+from visionft.checkpoints import save_weights
 from visionft.errors import UsageError
 from visionft.evaluated import evaluate
 from visionft.logs import quiet_third_party
@@ -40,6 +35,7 @@ from visionft.outputs import (  # noqa: F401
 )
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
 from visionft.resume import resume_command
+from visionft import resumecheck
 from visionft import runfolder
 from visionft.report.predictions import TestPredictions, feature_probs
 from visionft.report.predictions import save as save_predictions
@@ -111,6 +107,7 @@ class Parts:
     ckpt: object  # the monitored ModelCheckpoint (or None)
     speed: object  # TrainThroughput
     predicted: tuple | None = None  # the final model's test (probabilities, labels), for the report
+    resumed: dict | None = None  # a resume's checkpoint, epoch, step and changes (``resumecheck.check``)
 
 
 def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
@@ -125,13 +122,16 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
         raise UsageError(problem)
     out.mkdir(parents=True, exist_ok=True)
     runfolder.claim(cfg, out)  # locked until train() returns; a run already in it refused, resumed or replaced
-    write_overrides(overrides, out)
+    resume = resume_path(cfg, out)
+    if resume is None:  # a resume's command line is recorded once its checks pass (resumecheck.check)
+        write_overrides(overrides, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cachedir.set_limit(cfg.paths.get("cache_max_gb", cachedir.DEFAULT_MAX_GB))
     try:
         dm, backbone, module = build(cfg)
     except BadImages as e:  # on_bad_image=error: the whole list is in the run dir
         raise UsageError(f"{e} (all of them, with reasons: {write_rejected(e.rejected, out)})") from None
+    resumed = resumecheck.check(cfg, out, module, dm, overrides, resume)  # before anything in the folder changes
     write_rejected(getattr(dm, "rejected", {}), out)
     (out / "checkpoints" / "final.ckpt").unlink(missing_ok=True)  # a reused run dir's old final model is not this run's
     clear_report(out)  # nor are its old predictions and figures
@@ -157,7 +157,7 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
     log.info("backbone %s (weights: %s), data %s: %s", backbone.name, backbone.weights, type(dm).__name__,
              "; ".join(f"{s} {n:,} images ({dm.split_origin.get(s, '?')})" for s, n in dm.sizes().items()))
     imbalance.warn(dm, module)  # per-class training counts: one line when a class is tiny and nothing weighs it up
-    return Parts(out, dm, backbone, module, trainer, ckpt, speed)
+    return Parts(out, dm, backbone, module, trainer, ckpt, speed, resumed=resumed)
 
 
 def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | None]:
@@ -168,19 +168,8 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
     if not p.module.strategy.gradient_fit:
         return (save_weights(p.module, p.out / "checkpoints" / "final.ckpt") if p.trainer.is_global_zero else "",
                 probe, wise_start)
-    resume = resume_path(cfg, p.out)
-    if resume:
-        stored = read_checkpoint(resume, "ckpt_path" if cfg.ckpt_path else "resume=true: last.ckpt")
-        changes = config_changes(stored.get("hyper_parameters", {}), OmegaConf.to_container(cfg, resolve=True))
-        if changes and cfg.get("resume_changes", "refuse") != "allow":
-            fix = (f"`{resume_command(p.out)}` alone resumes with the run's own overrides" if not cfg.ckpt_path
-                   else "resume with the overrides of the run that saved it (its config.yaml)")
-            raise UsageError(f"resuming from {resume} with a config that changes the run ({'; '.join(changes[:4])}"
-                             f"{'; ...' if len(changes) > 4 else ''}): {fix}, or pass resume_changes=allow to "
-                             f"continue anyway")
-        check_fits(stored, p.module, f"the checkpoint {resume}")
-    try:
-        p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=resume)
+    try:  # a resume was checked in set_up (resumecheck.check)
+        p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=p.resumed["from"] if p.resumed else None)
     except SIGTERMException:
         stop = next(c for c in p.trainer.callbacks if isinstance(c, Preemption))
         raise Interrupted(f"{stop.signal_name} received: stopped at epoch {p.trainer.current_epoch}, step "
@@ -232,6 +221,7 @@ def record(p: Parts, final: str, probe: ProbeRun | None, start: float) -> dict:
         "split_origin": dict(p.dm.split_origin),
         **imbalance.recorded(p.dm, p.module),  # class_counts (train), and the imbalance warning if any
         **({"probe": probe.summary()} if probe is not None else {}),
+        **({"resumed": p.resumed} if p.resumed else {}),
         "precision": str(p.trainer.precision),
         "steps_per_epoch": clock.steps_per_epoch if clock is not None else None,
         "opens": {name: m.strategy.open_epoch(d, n) for d, name in enumerate(m.group_names)},

@@ -35,9 +35,9 @@ def entered_opens(metrics: dict) -> dict[str, int]:
 
 
 def overrides_of(run: Path) -> list[str] | None:
-    """The run's command line: Hydra's record (``.hydra/overrides.yaml``), else visionft's (``overrides.yaml``,
-    written as the run starts; absent when the Python API was given a composed config)."""
-    for path in (run / ".hydra" / "overrides.yaml", run / "overrides.yaml"):
+    """The run's command line: visionft's record (``overrides.yaml``, written as the run starts, and by a resume with
+    the values that ran; absent when the Python API was given a composed config), else Hydra's (``.hydra/``)."""
+    for path in (run / "overrides.yaml", run / ".hydra" / "overrides.yaml"):
         if path.is_file():
             return list(yaml.safe_load(path.read_text()) or [])
     return None
@@ -102,6 +102,14 @@ def shipped(metrics: dict) -> str:
             f"{', '.join(c.get('trainable_groups') or []) or 'none'}")
 
 
+def resumed(r: dict) -> str:
+    """Where a resumed run continued from, and what the resume changed (and did not: the checkpoint's state won)."""
+    return (f"from `{Path(r['from']).name}` at epoch {r['epoch']}, step {r['step']}; changed on resume: "
+            f"{'; '.join(r.get('changes') or []) or 'nothing'}" + (
+                f"; not applied (the checkpoint's optimizer state kept its values): {'; '.join(r['not_applied'])}"
+                if r.get("not_applied") else ""))
+
+
 def solved(metrics: dict) -> str | None:
     """How a closed-form probe head was fitted (None when the head trained by gradient)."""
     probe = metrics.get("probe") or {}
@@ -123,7 +131,8 @@ def _model(cfg: dict, metrics: dict) -> list[str]:
              f"{', '.join(f'{k}={v}' for k, v in s.items())}",
              f"- trained over the run: {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%), {fit}; "
              f"precision {precision}, wall time {metrics.get('wall_time_s', 0):,.0f} s",
-             *([f"- final model: {shipped(metrics)}"] if metrics.get("chosen") else [])]
+             *([f"- final model: {shipped(metrics)}"] if metrics.get("chosen") else []),
+             *([f"- resumed: {resumed(metrics['resumed'])}"] if metrics.get("resumed") else [])]
     groups = metrics.get("param_groups")
     if groups:
         cols = ["group", "params", "base_lr", "trainable", "bn"]
