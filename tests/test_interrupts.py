@@ -58,6 +58,42 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_nonzero(tmp_path, sig, 
     assert resumed["epochs"] == ckpt["epoch"] + 2 and (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("epoch", [1, 0])
+def test_a_second_ctrl_c_stops_at_once_naming_the_checkpoint_that_resumes(tmp_path, epoch):
+    """Ctrl+C twice inside one (slowed) training batch: no traceback, exit 130, and the last line names what is on
+    disk: last.ckpt of epoch 0 with its epoch and step and the resume command, or (stopped in epoch 0) no checkpoint."""
+    from pathlib import Path
+
+    from visionft.resume import resume_command
+
+    marker, run = tmp_path / "slow", tmp_path / "run"
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "visionft", *SLOW_TINY, f"paths.output_dir={run}",
+                             "+callbacks.slow._target_=signal_helpers.SlowBatches", f"+callbacks.slow.marker={marker}",
+                             f"+callbacks.slow.epoch={epoch}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    _wait_for(marker, proc)  # a slow batch (of epoch 1: epoch 0's checkpoints are written) is under way
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the first is handled (Python runs a handler once for signals that arrive together)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("stopped: SIGINT received twice: stopped at once at epoch ")
+    last = run / "checkpoints" / "last.ckpt"
+    if epoch:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        assert ckpt["epoch"] == 0
+        assert f"resumable checkpoint {last} (epoch 0, step {ckpt['global_step']})" in line
+        assert line.endswith(f"Resume with: {resume_command(run)}")
+    else:
+        assert not last.exists() and line.endswith(f"no resumable checkpoint was saved ({last}): start the run again")
+    assert line in (run / "__main__.log").read_text()
+
+
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_cfg, tmp_path, monkeypatch, capsys):
     import visionft.checkpoints as ck
     from visionft.__main__ import main
@@ -103,9 +139,9 @@ class Poison(__import__("lightning").Callback):
 
 
 @pytest.mark.parametrize("how, why, extra, fold", [
-    ("poison", "loss not finite from step 11", [], None), ("explode", "x the first epoch's", [], None),
+    ("poison", "loss not finite from step 11", [], None), ("explode", "x the loss at the start", [], None),
     ("poison", "loss not finite from step 11", ["+trainer.val_check_interval=0.5"], None),  # checkpoints mid-epoch too
-    ("poison", "loss not finite from step 11", [], 1), ("explode", "x the first epoch's", [], 2),  # losses folded early
+    ("poison", "loss not finite from step 11", [], 1), ("explode", "x the loss at the start", [], 2),  # folded early
 ])
 def test_divergence_stops_naming_step_lr_precision_and_keeps_the_good_checkpoint(tiny_cfg, tmp_path, monkeypatch, how,
                                                                                  why, extra, fold):
@@ -121,6 +157,8 @@ def test_divergence_stops_naming_step_lr_precision_and_keeps_the_good_checkpoint
         train(cfg)
     message = str(e.value)
     assert why in message and "in epoch 1" in message and "learning rates" in message and "32-true" in message
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last = torch.load(path, map_location="cpu", weights_only=True)
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["state_dict"].values()
                                       if v.is_floating_point())
+    assert f"The last checkpoint kept is {path} (epoch 0, step {last['global_step']})" in message

@@ -15,9 +15,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_avg_fn
 
-
-class NonFiniteLoss(RuntimeError):
-    pass
+from visionft.divergence import NanGuard, NonFiniteLoss, saved_position  # noqa: F401  (the run's callbacks, in one place)
 
 
 def ema_of_floats(decay: float):
@@ -94,83 +92,8 @@ class LogEveryEpoch(L.Callback):
             trainer.log_every_n_steps = max(1, min(self.configured, steps))
 
 
-class NanGuard(L.Callback):
-    """Stops a diverging run before its weights are saved: a non-finite training loss, or an epoch whose mean loss
-    exceeds ``factor`` x the first epoch's. Each batch's loss is kept as it is (no tensor work, no host sync per step),
-    folded into a device-side sum every ``FOLD`` steps, and checked once per epoch before validation and before the
-    epoch's checkpoints, so the last checkpoint on disk is a good one."""
-
-    def __init__(self, factor: float = 100.0) -> None:
-        self.factor, self.reference = factor, None
-        self._reset()
-
-    FOLD = 256  # losses kept before they are folded into the epoch's running sum (bounded memory, no host sync)
-
-    def _reset(self) -> None:
-        self._losses, self._steps = [], []  # the latest detached losses and their global steps: no work per step
-        self._sum, self._n, self._first_bad = None, 0, None  # the folded ones: device tensors, read at checks only
-
-    def _fold(self) -> None:
-        losses = torch.stack(self._losses).float()
-        bad = ~torch.isfinite(losses)
-        steps = torch.tensor(self._steps, device=losses.device)
-        first = torch.where(bad.any(), steps[bad.int().argmax()], -1)
-        total = torch.nan_to_num(losses, nan=float("inf")).sum()
-        if self._sum is None:
-            self._sum, self._first_bad = total, first
-        else:
-            self._sum = self._sum + total
-            self._first_bad = torch.where(self._first_bad >= 0, self._first_bad, first)
-        self._n += len(self._losses)
-        self._losses, self._steps = [], []
-
-    def state_dict(self) -> dict:
-        return {"reference": self.reference}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.reference = state.get("reference")
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._reset()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._losses.append(loss.detach())
-            self._steps.append(trainer.global_step)
-            if len(self._losses) >= self.FOLD:
-                self._fold()
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit":  # validation inside fit (mid-epoch too): checkpoints follow it
-            self._check(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._check(trainer)
-
-    def _check(self, trainer) -> None:
-        if self._losses:
-            self._fold()
-        if not self._n:
-            return
-        first_bad, mean = int(self._first_bad), float(self._sum) / self._n
-        if first_bad < 0 and math.isfinite(mean) and trainer.current_epoch == 0 and self.reference is None:
-            self.reference = mean
-        exploded = self.reference is not None and mean > self.factor * self.reference
-        if first_bad < 0 and math.isfinite(mean) and not exploded:
-            return
-        why = (f"loss not finite from step {first_bad}" if first_bad >= 0 else
-               f"mean loss {mean:.4g} > {self.factor:g} x the first epoch's {self.reference:.4g}")
-        lrs = sorted({g["lr"] for opt in trainer.optimizers for g in opt.param_groups})
-        raise NonFiniteLoss(
-            f"training diverged in epoch {trainer.current_epoch} (step {trainer.global_step}): {why}; learning "
-            f"rates {lrs[0]:.3g}..{lrs[-1]:.3g}, precision {trainer.precision}. The last good checkpoint is kept "
-            f"(checkpoints/last.ckpt). Lower strategy.lr, set trainer.gradient_clip_val=1.0, or use "
-            f"trainer.precision=32-true")
-
-
 class Interrupted(RuntimeError):
-    """Training stopped by a signal; a resumable checkpoint was saved."""
+    """Training stopped by a signal; the message names the checkpoint ``resume=true`` continues from, if any."""
 
     def __init__(self, message: str, signal_name: str) -> None:
         super().__init__(message)
@@ -178,18 +101,25 @@ class Interrupted(RuntimeError):
 
 
 class Preemption(L.Callback):
-    """SIGTERM (a scheduler's preemption) and a first Ctrl+C stop training at the next batch boundary (a second
-    Ctrl+C stops at once); ``last.ckpt`` is then saved mid-epoch, so ``resume=true`` continues from that step."""
+    """SIGTERM (a scheduler's preemption) and a first Ctrl+C stop training at the next batch boundary; ``last.ckpt``
+    is then saved mid-epoch, so ``resume=true`` continues from that step. A second Ctrl+C stops at once, saving
+    nothing (the step under way is unfinished): ``resume=true`` then continues from the last ``last.ckpt`` saved, if
+    any. A Ctrl+C while that checkpoint is being written is ignored: the write finishes. After a stopped fit,
+    ``interrupted(run, trainer)`` is the ``Interrupted`` to raise."""
 
     def __init__(self) -> None:
         self.signal_name, self.saved, self._previous = "SIGTERM", None, None
+        self.at_once, self._saving = False, False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
 
         def stop_soon(signum, frame):
-            if self.signal_name == "SIGINT":  # pressed twice: stop now
+            if self._saving:
+                return
+            if self.signal_name == "SIGINT":  # pressed twice: stop now (Lightning then exits: SystemExit)
+                self.at_once = True
                 raise KeyboardInterrupt
             self.signal_name = "SIGINT"
             trainer._signal_connector.received_sigterm = True  # Lightning's loops stop at the next batch boundary
@@ -205,14 +135,38 @@ class Preemption(L.Callback):
         self._restore()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore()
+        if isinstance(exception, KeyboardInterrupt):
+            return  # Lightning ignores Ctrl+C while it shuts down; interrupted() restores the handler
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
             # the full training state (optimizer, loops, callbacks), which resume=true needs. Safe to read back: it
             # holds tensors and plain containers only, and visionft loads every checkpoint weights-only
             # (visionft.checkpoints.AtomicCheckpointIO)
-            trainer.save_checkpoint(path, weights_only=False)
+            self._saving = True
+            try:
+                trainer.save_checkpoint(path, weights_only=False)
+            finally:
+                self._saving = False
             self.saved = path
+        self._restore()
+
+    def interrupted(self, run: Path, trainer) -> Interrupted:
+        """What to raise once fit stopped on a signal: the line naming where it stopped, the checkpoint that
+        ``resume=true`` takes (``run/checkpoints/last.ckpt``) and the command that resumes."""
+        from visionft.resume import resume_command
+
+        self._restore()
+        where, command = f"epoch {trainer.current_epoch}, step {trainer.global_step}", resume_command(run)
+        if not self.at_once:
+            return Interrupted(f"{self.signal_name} received: stopped at {where}; resumable checkpoint {self.saved}. "
+                               f"Resume with: {command}", self.signal_name)
+        last = Path(run) / "checkpoints" / "last.ckpt"
+        kept = saved_position(last) if last.is_file() else None
+        if kept is None:
+            return Interrupted(f"SIGINT received twice: stopped at once at {where}; no resumable checkpoint was "
+                               f"saved ({last}): start the run again", "SIGINT")
+        return Interrupted(f"SIGINT received twice: stopped at once at {where}, not saved; resumable checkpoint "
+                           f"{last} (epoch {kept[0]}, step {kept[1]}). Resume with: {command}", "SIGINT")
 
 
 class ResumeState(L.Callback):

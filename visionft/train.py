@@ -170,12 +170,11 @@ def fit_phase(cfg: DictConfig, p: Parts) -> tuple[str, ProbeRun | None, dict | N
                 probe, wise_start)
     try:  # a resume was checked in set_up (resumecheck.check)
         p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=p.resumed["from"] if p.resumed else None)
-    except SIGTERMException:
+    except (SIGTERMException, SystemExit, KeyboardInterrupt) as e:  # SystemExit: Lightning's on a 2nd Ctrl+C
         stop = next(c for c in p.trainer.callbacks if isinstance(c, Preemption))
-        raise Interrupted(f"{stop.signal_name} received: stopped at epoch {p.trainer.current_epoch}, step "
-                          f"{p.trainer.global_step}; resumable checkpoint {stop.saved}. Resume with: "
-                          f"{resume_command(p.out)}",
-                          stop.signal_name) from None
+        if not isinstance(e, SIGTERMException) and not stop.at_once:
+            raise
+        raise stop.interrupted(p.out, p.trainer) from None
     return fitted_model(p), probe, wise_start
 
 
