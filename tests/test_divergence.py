@@ -21,15 +21,17 @@ def _cli(monkeypatch, capsys, *overrides) -> tuple[int, str]:
     return e.value.code, capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("lr", ["1", "10"])
-def test_a_first_epoch_that_diverges_keeps_no_checkpoint_and_says_so(tmp_path, monkeypatch, capsys, lr):
+@pytest.mark.parametrize("lr, precision", [("1", "32-true"), ("10", "32-true"), ("1", "bf16-mixed")])
+def test_a_first_epoch_that_diverges_keeps_no_checkpoint_and_says_so(tmp_path, monkeypatch, capsys, lr, precision):
     """On the tiny data, lr 1 gives a first-epoch training loss of ~6e13 (val 1e13) and lr 10 ~1e25 while staying
     finite: both are divergence against the loss at the start (about ln 10), whatever the first epoch's own mean."""
     out = tmp_path / "run"
-    code, line = _cli(monkeypatch, capsys, "trainer.max_epochs=3", f"strategy.lr={lr}", f"paths.output_dir={out}")
+    code, line = _cli(monkeypatch, capsys, "trainer.max_epochs=3", f"strategy.lr={lr}",
+                      f"trainer.precision={precision}", f"paths.output_dir={out}")
     assert code == 2 and line.startswith("error: training diverged in epoch 0")
     assert "No checkpoint was saved: the first epoch already diverged." in line
-    assert "precision 32-true" in line and "use trainer.precision=32-true" not in line  # already 32-true
+    assert f"precision {precision}." in line
+    assert ("use trainer.precision=32-true" in line) == (precision != "32-true")  # no hint when already 32-true
     assert not list(out.glob("**/*.ckpt"))  # nothing a diverged epoch wrote
 
 
