@@ -128,3 +128,78 @@ def test_val_and_test_folders_may_hold_one_class(tmp_path):
     assert dm.classes == ["cat", "dog"]
     assert {s: sorted(Path(p).relative_to(root).as_posix() for p in dm.splits[s].images) for s in ("val", "test")} \
         == {"val": ["val/cat/0.png", "val/cat/1.png"], "test": ["test/dog/0.png", "test/dog/1.png"]}
+
+
+class _Marker:
+    """Unpickling this creates ``path``: proof that a loader unpickled the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _config_json(folder: Path, classes: int = 2) -> None:
+    import json
+
+    pre = {"input_size": [3, 32, 32], "interpolation": "bilinear", "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}
+    (folder / "config.json").write_text(json.dumps({"pretrained_cfg": pre, "num_classes": classes,
+                                                    "label_names": [f"c{i}" for i in range(classes)]}))
+
+
+def test_a_pickle_named_model_pt_or_pt2_is_never_unpickled(tmp_path, capsys):
+    """A pickle (plain, or torch.save's zip) named model.pt / model.pt2: one line, exit 2, the marker its unpickling
+    would create never appears (c4a2980: 26 to 41 lines of torch's RuntimeError/BadZipFile traceback). A real
+    TorchScript and torch.export archive beside them still predict."""
+    import pickle
+
+    import torch
+
+    from visionft import cli
+
+    images = _folder(tmp_path / "images", {"a": 2})
+    marker = tmp_path / "unpickled"
+    for how in ("pickle", "torch.save"):
+        for name in ("model.pt", "model.pt2"):
+            folder = tmp_path / how.replace(".", "_") / name.replace(".", "_")
+            folder.mkdir(parents=True)
+            _config_json(folder)
+            if how == "pickle":
+                (folder / name).write_bytes(pickle.dumps(_Marker(str(marker))))
+            else:
+                torch.save({"model": _Marker(str(marker))}, folder / name)
+            assert cli.run("predict", ["--model", str(folder / name), "--inputs", str(images)]) == 2
+            kind = "TorchScript archive" if name == "model.pt" else "torch.export archive"
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"error: --model {folder / name} is not a {kind}"), err
+            assert "--model takes an exported model.pt (TorchScript), model.onnx or model.pt2" in err[0]
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Marker(str(marker))))  # the marker works: unpickling does create it
+    assert marker.exists()
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    real = tmp_path / "real"
+    real.mkdir()
+    _config_json(real)
+    torch.jit.save(torch.jit.script(net), real / "model.pt")
+    batch = torch.export.Dim("batch", max=64)
+    torch.export.save(torch.export.export(net, (torch.randn(2, 3, 32, 32),), dynamic_shapes=({0: batch},)),
+                      real / "model.pt2")
+    for name in ("model.pt", "model.pt2"):
+        assert cli.run("predict", ["--model", str(real / name), "--inputs", str(images)]) == 0
+        assert "2 images predicted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["resnet18.a1_in1k", "hf-hub:timm/resnet18.a1_in1k"])
+def test_a_timm_name_as_model_says_what_model_takes(tmp_path, capsys, name):
+    """c4a2980: 'error: config.json is missing: predict needs the config.json written by `visionft export`'."""
+    from visionft import cli
+
+    assert cli.run("predict", ["--model", name, "--inputs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --model {name} is a timm model name, not a trained model: "
+                                               f"--model takes an exported model.pt (TorchScript), model.onnx or "
+                                               f"model.pt2 (torch.export), a visionft .ckpt, or a run directory"), err
+    assert cli.run("predict", ["--model", str(tmp_path / "nope.pt"), "--inputs", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: --model {tmp_path / 'nope.pt'} does not exist: ")

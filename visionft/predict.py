@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,45 @@ from visionft.logs import printable
 log = logging.getLogger(__name__)
 
 
+ACCEPTS = ("--model takes an exported model.pt (TorchScript), model.onnx or model.pt2 (torch.export), a visionft "
+           ".ckpt, or a run directory")
+
+
+def _members(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except zipfile.BadZipFile:  # a pickle, a cut file, anything but a zip archive
+        return []
+
+
+def _is_pt2(path: Path) -> bool:
+    try:
+        from torch.export.pt2_archive import is_pt2_package
+    except ImportError:  # torch < 2.7 writes the older zip layout
+        return "serialized_exported_program.json" in _members(path)
+    return is_pt2_package(str(path))
+
+
+def check_archive(artifact: Path) -> None:
+    """Refuse, before any loader opens it, a ``.pt`` that is not a TorchScript archive or a ``.pt2`` that is not a
+    torch.export archive: a pickle or ``torch.save`` file given that name is never unpickled here."""
+    if artifact.suffix == ".pt":
+        names = _members(artifact)
+        ok = any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+        kind = "a TorchScript archive (torch.jit.save)"
+    else:
+        ok, kind = _is_pt2(artifact), "a torch.export archive (torch.export.save)"
+    if not ok:
+        raise UsageError(f"--model {artifact} is not {kind}: it is not loaded (a pickle or torch.save file could run "
+                         f"code); {ACCEPTS}")
+
+
 def load_runner(artifact: str | Path):
     """A callable mapping a normalized float NCHW tensor to logits, for any of the three formats."""
     artifact = Path(artifact)
+    if artifact.suffix in (".pt", ".pt2"):
+        check_archive(artifact)
     if artifact.suffix == ".onnx":
         import onnxruntime as ort
 
@@ -49,16 +86,28 @@ def open_model(path: str | Path):
     path = Path(path)
     if path.is_dir() and not (path / "checkpoints").is_dir():  # an export folder: its artifact
         path = next((path / f"model{s}" for s in ARTIFACTS if (path / f"model{s}").is_file()), path)
+    if not path.exists():
+        raise FileNotFoundError(_missing(str(path)))
     path = run_checkpoint(path)
     if path.suffix in ARTIFACTS:
         return load_runner(path), read_config(path)
     if path.suffix != ".ckpt":
-        raise UsageError(f"--model {path}: expected an exported model.pt (TorchScript), model.onnx or model.pt2, a "
-                         f"visionft .ckpt, or a run directory")
+        raise UsageError(f"--model {path} is not a model file predict reads: {ACCEPTS}")
     from visionft.export import load_trained
 
     model, meta, _ = load_trained(path)
     return (lambda x: model(x).detach()), preprocessing_of(meta)
+
+
+def _missing(model: str) -> str:
+    """What to say when ``--model`` names no file: a timm name is not a trained model."""
+    import timm
+
+    if model.startswith(("hf-hub:", "hf_hub:", "timm/")) or timm.is_model(model):
+        return (f"--model {model} is a timm model name, not a trained model: {ACCEPTS}. Train one first "
+                f"(python -m visionft backbone.name={model} data.root=...), or embed with it (visionft embed "
+                f"--backbone {model})")
+    return f"--model {model} does not exist: {ACCEPTS}"
 
 
 def read_config(artifact: Path) -> dict:
