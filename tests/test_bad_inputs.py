@@ -203,3 +203,76 @@ def test_a_timm_name_as_model_says_what_model_takes(tmp_path, capsys, name):
                                                f"model.pt2 (torch.export), a visionft .ckpt, or a run directory"), err
     assert cli.run("predict", ["--model", str(tmp_path / "nope.pt"), "--inputs", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().startswith(f"error: --model {tmp_path / 'nope.pt'} does not exist: ")
+
+
+_WATCHED: list[str] = []  # folders whose opening the audit hook records
+_OPENED: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _WATCHED and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.fsdecode(args[0])
+        if any(path.startswith(w) for w in _WATCHED):
+            _OPENED.append(path)
+
+
+sys.addaudithook(_audit)  # Python's own record of every file opened in this process
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from conftest import compose_cfg
+    from visionft.train import train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train(compose_cfg([*TINY, "data.train_size=64", "data.test_size=16"], out))
+    return out / "checkpoints" / "best.ckpt"
+
+
+def _with_backbone_name(ckpt: Path, name: str, out: Path) -> Path:
+    import torch
+
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)
+    stored["visionft"]["timm_name"] = name
+    stored["hyper_parameters"]["backbone"]["name"] = name
+    torch.save(stored, out)
+    return out
+
+
+def test_a_checkpoint_naming_a_folder_as_its_backbone_is_refused_unread(tmp_path, capsys, tiny_ckpt):
+    """A checkpoint whose stored backbone name is ``local-dir:<folder>``: export, predict and embed refuse it in one
+    line and never open ``<folder>/config.json`` (c4a2980: timm read it and built what it described)."""
+    from visionft import cli
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text('{"architecture": "test_resnet", "model_args": {}, "pretrained_cfg": {}}')
+    crafted = _with_backbone_name(tiny_ckpt, f"local-dir:{evil}", tmp_path / "crafted.ckpt")
+    images = _folder(tmp_path / "images", {"a": 1})
+    said = {}
+    _WATCHED.append(str(evil))
+    try:
+        for command, argv in (("export", ["--ckpt", str(crafted), "--format", "torchscript", "--out",
+                                          str(tmp_path / "export")]),
+                              ("predict", ["--model", str(crafted), "--inputs", str(images)]),
+                              ("embed", ["--ckpt", str(crafted), "--inputs", str(images), "--out",
+                                         str(tmp_path / "f.npz")])):
+            said[command] = (cli.run(command, argv), capsys.readouterr().err.strip().splitlines()[-1:])
+    finally:
+        _WATCHED.clear()
+    assert not _OPENED, f"opened {_OPENED}"
+    line = (f"error: {crafted}: its stored backbone name 'local-dir:{evil}' is not a timm model name: a checkpoint's "
+            f"model is rebuilt from an architecture timm lists (timm.list_models()) and its own weights, never from a "
+            f"folder, file or hub repo it names: refusing to build the model")
+    assert said == {command: (2, [line]) for command in ("export", "predict", "embed")}
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("name", ["hf-hub:someone/resnet18", "hf_hub:someone/resnet18", "../evil", "x/resnet18"])
+def test_a_checkpoint_naming_a_hub_repo_or_path_as_its_backbone_is_refused(tmp_path, capsys, tiny_ckpt, name):
+    from visionft import cli
+
+    crafted = _with_backbone_name(tiny_ckpt, name, tmp_path / "crafted.ckpt")
+    assert cli.run("export", ["--ckpt", str(crafted), "--format", "torchscript"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"error: {crafted}: its stored backbone name {name!r} is not a timm model name")

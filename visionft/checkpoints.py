@@ -190,3 +190,24 @@ def stored_node(hparams: dict, group: str, source: str) -> DictConfig:
         raise UsageError(f"{source}: refusing to instantiate {bad} from a checkpoint (allowed {group} targets: "
                          f"{', '.join(sorted(allowed))})")
     return node
+
+
+def stored_timm_name(meta: dict, source: str) -> str:
+    """A checkpoint's backbone name, refused in one line unless it is a plain timm model name this timm lists (an
+    architecture, with or without a pretrained tag): a name with a source (``local-dir:``, ``hf-hub:``) or a path
+    would make timm read a ``config.json`` of the checkpoint's choosing. The model is rebuilt from the architecture
+    and the checkpoint's own weights, nothing else."""
+    import reprlib
+
+    import timm
+
+    name = meta.get("timm_name")
+    if not isinstance(name, str) or not name or any(c in name for c in ":/\\"):
+        shown = repr(name) if isinstance(name, str) and len(name) <= 300 else reprlib.repr(name)
+        raise UsageError(f"{source}: its stored backbone name {shown} is not a timm model name: a "
+                         f"checkpoint's model is rebuilt from an architecture timm lists (timm.list_models()) and "
+                         f"its own weights, never from a folder, file or hub repo it names: refusing to build the model")
+    if not timm.is_model(name):
+        raise UsageError(f"{source} was trained on timm model {name!r}, which this timm ({timm.__version__}) does not "
+                         f"know: install the timm version that trained it")
+    return name

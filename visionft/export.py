@@ -32,14 +32,15 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
     from hydra.utils import instantiate
 
     from visionft.backbones import create_backbone
-    from visionft.checkpoints import read_checkpoint, stored_node
+    from visionft.checkpoints import read_checkpoint, stored_node, stored_timm_name
 
     ckpt = read_checkpoint(ckpt_path, "--ckpt")
     if "visionft" not in ckpt:
         raise UsageError(f"{ckpt_path} is not a visionft checkpoint (no 'visionft' metadata)")
     meta = ckpt["visionft"]
+    name = stored_timm_name(meta, str(ckpt_path))  # before timm sees it: never a folder or hub repo it names
     kwargs = checked_model_kwargs(meta, str(ckpt_path))
-    backbone = create_backbone(meta["timm_name"], meta["num_classes"], pretrained=False,
+    backbone = create_backbone(name, meta["num_classes"], pretrained=False,
                                kwargs={k: v for k, v in kwargs.items() if k != "img_size"},
                                image_size=kwargs.get("img_size"))
     adapted = instantiate(stored_node(ckpt["hyper_parameters"], "strategy", str(ckpt_path))).prepare(backbone.model,
