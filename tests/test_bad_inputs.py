@@ -276,3 +276,28 @@ def test_a_checkpoint_naming_a_hub_repo_or_path_as_its_backbone_is_refused(tmp_p
     assert cli.run("export", ["--ckpt", str(crafted), "--format", "torchscript"]) == 2
     assert capsys.readouterr().err.strip().startswith(
         f"error: {crafted}: its stored backbone name {name!r} is not a timm model name")
+
+
+def test_a_run_from_a_local_dir_backbone_records_the_timm_name_and_exports(tmp_path, tiny_ckpt):
+    """``backbone.name=local-dir:DIR`` typed by the user (DIR: a `visionft export` folder) trains from DIR's weights
+    (c4a2980: 'no pretrained weights ... HF_HUB_OFFLINE is set'), its checkpoints record the timm model DIR's
+    config.json describes, not the folder, and they export."""
+    import json
+
+    import torch
+
+    from conftest import compose_cfg
+    from visionft.export import export
+    from visionft.train import train
+
+    export(str(tiny_ckpt), "torchscript", str(tmp_path / "exported"))
+    pre = json.loads((tmp_path / "exported" / "config.json").read_text())
+    overrides = [*TINY, "data.train_size=64", "data.test_size=16", "backbone=timm",
+                 f"backbone.name=local-dir:{tmp_path / 'exported'}", "backbone.pretrained=true"]
+    metrics = train(compose_cfg(overrides, tmp_path / "run"))
+    assert metrics["weights"] == f"local-dir:{tmp_path / 'exported' / 'model.safetensors'}"
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    stored = torch.load(best, map_location="cpu", weights_only=True)
+    assert stored["visionft"]["timm_name"] == f"{pre['architecture']}.{pre['pretrained_cfg']['tag']}"
+    artifact, _ = export(str(best), "torchscript", str(tmp_path / "again"))
+    assert Path(artifact).is_file()

@@ -110,6 +110,14 @@ def bn_group_index(model: nn.Module, groups: list[DepthGroup]) -> dict[str, int]
 
 
 def _create(name: str, num_classes: int, image_size: int | None, kwargs: dict) -> tuple[nn.Module, dict]:
+    from timm.models import parse_model_name
+
+    try:
+        parse_model_name(name)
+    except ValueError:  # timm: a bare path or repo id
+        raise UsageError(f"backbone.name={name!r} is a path or hub repo id, not a timm model name: pass "
+                         f"backbone.name=local-dir:{name} (a folder holding config.json and weights) or "
+                         f"hf-hub:{name}") from None
     try:
         if image_size:
             try:  # ViTs are built for one input size: position embeddings sized for image_size
@@ -125,6 +133,19 @@ def _create(name: str, num_classes: int, image_size: int | None, kwargs: dict) -
         close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6, cutoff=0.6)
         raise UsageError(f"unknown timm model {name!r} (backbone.name). Similar timm models: {close}. "
                          f"Presets: see conf/backbone/ or `python -m visionft --help`") from None
+
+
+def listed_name(name: str, model: nn.Module) -> str:
+    """The name a checkpoint records for ``name``: itself, or for a name with a source (``local-dir:DIR``,
+    ``hf-hub:repo``, the user's own choice) the timm architecture and tag its config built, so that rebuilding from
+    the checkpoint never follows a folder or repo it names (``checkpoints.stored_timm_name``)."""
+    from timm.models import parse_model_name
+
+    if parse_model_name(name)[0] is None:
+        return name
+    listed = ".".join(filter(None, (model.pretrained_cfg.get("architecture"), model.pretrained_cfg.get("tag"))))
+    log.info("backbone %s is timm model %s: checkpoints record that name", name, listed)
+    return listed
 
 
 def create_backbone(
@@ -166,5 +187,5 @@ def create_backbone(
     if image_size:
         data_config["input_size"] = (3, int(image_size), int(image_size))
     groups = depth_groups(model)
-    return Backbone(model, name, groups, data_config, weights, bn_group_index(model, groups), used_kwargs, new_head,
-                    _classifier_name(model))
+    return Backbone(model, listed_name(name, model), groups, data_config, weights, bn_group_index(model, groups),
+                    used_kwargs, new_head, _classifier_name(model))

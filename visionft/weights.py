@@ -134,9 +134,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+LOCAL_DIR_FILES = ("model.safetensors", "pytorch_model.bin")  # what `visionft export` and timm's hub folders hold
+
+
 def _cached_file(pretrained_cfg: dict) -> str | None:
     """The weights file timm would download, when it is already on this machine: the Hugging Face cache for a
     model with a hub id, else torch hub's checkpoint folder (where timm puts weights it fetches by URL)."""
+    if pretrained_cfg.get("source") == "local-dir":  # timm.create_model("local-dir:DIR"): DIR's own weights file
+        folder = Path(pretrained_cfg.get("file") or "")
+        return next((str(folder / n) for n in LOCAL_DIR_FILES if (folder / n).is_file()), None)
     hub_id = pretrained_cfg.get("hf_hub_id")
     if hub_id:
         from huggingface_hub import try_to_load_from_cache
@@ -212,10 +218,15 @@ def load_pretrained(model: nn.Module, backbone: str) -> str:
     if path:
         apply_state_dict(model, OFFLINE_SOURCES[arch][1](load_state_dict_file(path), model), path)
         return f"package:{Path(path).name}"
-    cached = _cached_file(model.pretrained_cfg)
+    cached, source = _cached_file(model.pretrained_cfg), model.pretrained_cfg.get("source")
     if cached:
         apply_state_dict(model, load_state_dict_file(cached), cached)
-        return f"{'hf-cache' if model.pretrained_cfg.get('hf_hub_id') else 'cache'}:{cached}"
+        kind = "local-dir" if source == "local-dir" else "hf-cache" if model.pretrained_cfg.get("hf_hub_id") else "cache"
+        return f"{kind}:{cached}"
+    if source == "local-dir":
+        raise WeightsUnavailable(f"backbone {backbone!r}: {model.pretrained_cfg.get('file')} holds no "
+                                 f"{' or '.join(LOCAL_DIR_FILES)}: put the weights there, or pass "
+                                 f"backbone.pretrained=false (random init)")
     _require_hub(backbone, model.pretrained_cfg)
     from timm.models import load_pretrained as timm_load_pretrained
 
