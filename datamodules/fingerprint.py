@@ -78,6 +78,6 @@ def _which(then: dict, split, classes: list[str], root: str | None) -> str:
     old = set(then["keys"].tolist())
     new = [i for i, k in enumerate(keys.tolist()) if k not in old]
     gone = len(old - set(keys.tolist()))
-    shown = [printable(names[i]) for i in new[:SHOWN]] if names is not None else []
+    shown = sorted(printable(names[i]) for i in new)[:SHOWN] if names is not None else []
     return (f"{gone} gone and {len(new)} new" + (f" (new: {', '.join(shown)}{', ...' if len(new) > SHOWN else ''})"
                                                   if shown else ""))

@@ -55,7 +55,7 @@ def test_a_closed_form_strategy_over_a_trained_run_is_refused_and_leaves_the_run
     out = _copy(trained, tmp_path)
     before = _files(out)
     assert "README.md" in before and any(k.startswith("report/") for k in before)
-    with pytest.raises(UsageError, match="no training to resume") as e:
+    with pytest.raises(UsageError, match="has no training to resume") as e:
         _run(_compose, [*TINY, "strategy=linear_probe", "resume=true"], out)
     assert "resume=true paths.output_dir=" in str(e.value)  # how to resume it as it was
     assert _files(out) == before  # metrics, card, report, overrides and checkpoints untouched, no final.ckpt added

@@ -25,15 +25,29 @@ NOT_APPLIED = ("optimizer.", "strategy.lr")  # keys (or prefixes) a resume takes
 OTHER_OPTIMIZER = "optimizer._target_"  # its state cannot be loaded into another optimizer
 
 
-def check(cfg: DictConfig, out: Path, module, dm, overrides: list[str] | None, resume: str | None) -> dict | None:
-    """Give the module the data's fingerprint (for its checkpoints); for a resume, refuse what cannot continue (one
-    line), put back unapplied keys, write the command line, and return the ``resumed`` record for ``metrics.json``:
-    the checkpoint, its epoch and step, the changes applied and those not applied."""
+def resume_path(cfg: DictConfig, out: Path) -> str | None:
+    if cfg.ckpt_path:
+        return str(cfg.ckpt_path)
+    if cfg.resume:
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"resume=true but {last} does not exist: set paths.output_dir to the run "
+                                    f"directory to resume, or pass ckpt_path=/path/to/file.ckpt")
+        return str(last)
+    return None
+
+
+def check(cfg: DictConfig, out: Path, module, dm, overrides: list[str] | None) -> dict | None:
+    """Give the module the data's fingerprint (for its checkpoints); for a resume (``resume=true``, ``ckpt_path``),
+    refuse what cannot continue (one line), put back unapplied keys, write the command line (``overrides.yaml``), and
+    return the ``resumed`` record for ``metrics.json``: the checkpoint, its epoch and step, the changes applied and
+    those not applied."""
     module.data_fingerprint = dm.fingerprint()
-    if resume is None:
+    if not (cfg.resume or cfg.ckpt_path):
         return None
     if not module.strategy.gradient_fit:
-        raise UsageError(nothing_to_resume(cfg, out, module.strategy.name, resume))
+        raise UsageError(nothing_to_resume(cfg, out, module.strategy.name))
+    resume = resume_path(cfg, out)
     stored = read_checkpoint(resume, "ckpt_path" if cfg.ckpt_path else "resume=true: last.ckpt")
     hparams = stored.get("hyper_parameters", {})
     changes = config_changes(hparams, OmegaConf.to_container(cfg, resolve=True))
@@ -64,15 +78,16 @@ def check(cfg: DictConfig, out: Path, module, dm, overrides: list[str] | None, r
             "changes": applied, "not_applied": [c for c in changes if key_of(c) in kept]}
 
 
-def nothing_to_resume(cfg: DictConfig, out: Path, name: str, resume: str) -> str:
-    own = f": `{resume_command(out)}` alone resumes with its own overrides" if cfg.resume and not cfg.ckpt_path else ""
-    return (f"strategy {name} solves its head in closed form, with no training to resume from {resume}: run it "
-            f"without resume=true/ckpt_path into another folder (paths.output_dir=NEW_DIR), or resume with the "
+def nothing_to_resume(cfg: DictConfig, out: Path, name: str) -> str:
+    given = f"ckpt_path={cfg.ckpt_path}" if cfg.ckpt_path else "resume=true"
+    own = f": `{resume_command(out)}` alone resumes with its own overrides" if not cfg.ckpt_path else ""
+    return (f"strategy {name} solves its head in closed form: it has no training to resume ({given}); run it "
+            f"without {given.split('=')[0]} into another folder (paths.output_dir=NEW_DIR), or resume with the "
             f"strategy the run used{own}")
 
 
 def refusal(cfg: DictConfig, out: Path, resume: str, changes: list[str], data: list[str]) -> str:
-    said = [*changes, *(f"data: {d}" for d in data)]
+    said = [*changes, *(f"data: {d}" for d in data)] if changes else data
     listed = f"{'; '.join(said[:4])}{'; ...' if len(said) > 4 else ''}"
     if changes:
         fix = (f"`{resume_command(out)}` alone resumes with the run's own overrides" if not cfg.ckpt_path

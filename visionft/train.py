@@ -46,18 +46,6 @@ log = logging.getLogger(__name__)
 NOT_IN_PROBE = ("label_smoothing", "mixup", "cutmix")  # loss options a closed-form probe head does not use
 
 
-def resume_path(cfg: DictConfig, out: Path) -> str | None:
-    if cfg.ckpt_path:
-        return str(cfg.ckpt_path)
-    if cfg.resume:
-        last = out / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise FileNotFoundError(f"resume=true but {last} does not exist: set paths.output_dir to the run "
-                                    f"directory to resume, or pass ckpt_path=/path/to/file.ckpt")
-        return str(last)
-    return None
-
-
 def output_dir(cfg: DictConfig) -> Path:
     """``paths.output_dir``, or Hydra's run (or multirun job) directory when it is not set."""
     from hydra.core.hydra_config import HydraConfig
@@ -122,8 +110,7 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
         raise UsageError(problem)
     out.mkdir(parents=True, exist_ok=True)
     runfolder.claim(cfg, out)  # locked until train() returns; a run already in it refused, resumed or replaced
-    resume = resume_path(cfg, out)
-    if resume is None:  # a resume's command line is recorded once its checks pass (resumecheck.check)
+    if not (cfg.resume or cfg.ckpt_path):  # a resume's command line is recorded once its checks pass (resumecheck)
         write_overrides(overrides, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cachedir.set_limit(cfg.paths.get("cache_max_gb", cachedir.DEFAULT_MAX_GB))
@@ -131,7 +118,7 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
         dm, backbone, module = build(cfg)
     except BadImages as e:  # on_bad_image=error: the whole list is in the run dir
         raise UsageError(f"{e} (all of them, with reasons: {write_rejected(e.rejected, out)})") from None
-    resumed = resumecheck.check(cfg, out, module, dm, overrides, resume)  # before anything in the folder changes
+    resumed = resumecheck.check(cfg, out, module, dm, overrides)  # before anything in the folder changes
     write_rejected(getattr(dm, "rejected", {}), out)
     (out / "checkpoints" / "final.ckpt").unlink(missing_ok=True)  # a reused run dir's old final model is not this run's
     clear_report(out)  # nor are its old predictions and figures
