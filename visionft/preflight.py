@@ -127,6 +127,7 @@ RULES = {
     "data.test_fraction": (_real(0, 1, False, True), "in [0, 1) (0: no test split)"),
     "data.test_from": (_one_of("train", "val"), "train or val (the split a missing test split is carved from)"),
     "data.resident": (_one_of("auto", True, False, "true", "false"), "auto, true or false"),
+    "data.sampler": (_one_of(None, "balanced"), "null or balanced (draws every class equally often)"),
     "trainer.max_epochs": (_count(), "an integer >= 1"),
     "trainer.accumulate_grad_batches": (_count(), "an integer >= 1"),
     "trainer.log_every_n_steps": (_count(), "an integer >= 1"),
