@@ -1,7 +1,7 @@
 """``visionft --help``: conf/config.yaml sets Hydra's help template (the commands, then the config groups, then the
 composed config). ``${visionft_groups:row}`` lists the config groups as Hydra's ``$APP_CONFIG_GROUPS`` does (every
 search path, plugins' groups included), without Hydra's own and without the groups named (``row``: the rows of the
-README's results table, which ``experiment=cifar10_table`` sweeps)."""
+results table (docs/results/README.md), which ``experiment=cifar10_table`` sweeps)."""
 from __future__ import annotations
 
 from omegaconf import OmegaConf
