@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from visionft.errors import UsageError
+
 from conftest import TINY
 
 FOLDER_RUN = ["data=imagefolder", "backbone.name=test_resnet", "backbone.pretrained=false", "data.batch_size=4",
@@ -263,7 +265,8 @@ def test_a_checkpoint_naming_a_folder_as_its_backbone_is_refused_unread(tmp_path
     assert not _OPENED, f"opened {_OPENED}"
     line = (f"error: {crafted}: its stored backbone name 'local-dir:{evil}' is not a timm model name: a checkpoint's "
             f"model is rebuilt from an architecture timm lists (timm.list_models()) and its own weights, never from a "
-            f"folder, file or hub repo it names: refusing to build the model")
+            f"folder, file or hub repo it names: refusing to build the model; retrain it with a backbone.name timm "
+            f"lists")
     assert said == {command: (2, [line]) for command in ("export", "predict", "embed")}
     assert not (tmp_path / "export").exists()
 
@@ -276,6 +279,19 @@ def test_a_checkpoint_naming_a_hub_repo_or_path_as_its_backbone_is_refused(tmp_p
     assert cli.run("export", ["--ckpt", str(crafted), "--format", "torchscript"]) == 2
     assert capsys.readouterr().err.strip().startswith(
         f"error: {crafted}: its stored backbone name {name!r} is not a timm model name")
+
+
+def test_a_checkpoint_from_timms_own_hub_repo_still_rebuilds(tmp_path, tiny_ckpt):
+    """``hf-hub:timm/<model>`` (timm's own repository of a model it lists, as older checkpoints record a hub name)
+    is rebuilt as that model, reading no config; the same name under another owner stays refused."""
+    from visionft import cli
+    from visionft.checkpoints import stored_timm_name
+
+    assert stored_timm_name({"timm_name": "hf-hub:timm/resnet18.a1_in1k"}, "x") == "resnet18.a1_in1k"
+    crafted = _with_backbone_name(tiny_ckpt, "hf-hub:timm/test_resnet", tmp_path / "crafted.ckpt")
+    assert cli.run("export", ["--ckpt", str(crafted), "--format", "torchscript", "--out", str(tmp_path / "x")]) == 0
+    with pytest.raises(UsageError, match="is not a timm model name"):
+        stored_timm_name({"timm_name": "hf-hub:someone/resnet18.a1_in1k"}, "x")
 
 
 def test_a_run_from_a_local_dir_backbone_records_the_timm_name_and_exports(tmp_path, tiny_ckpt):

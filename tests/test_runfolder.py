@@ -182,3 +182,41 @@ def test_an_output_or_cache_folder_inside_the_data_is_refused_before_anything_is
     with pytest.raises(UsageError, match=re.escape(f"paths.output_dir={root}/b/c is inside data.root={root}/: ")):
         train(compose_cfg([*FOLDER, f"data.root={root}/"], f"{root}/b/c"))
     assert _files(root) == before and sorted(p.name for p in root.iterdir()) == ["ants", "bees"]
+
+
+def test_a_run_started_with_overwrite_resumes_with_its_printed_command(finished, tmp_path):
+    """The resume command a stop prints replays the run's own overrides; ``overwrite=true`` is not one it carries
+    (it would remove the run it continues), nor is it in the card's Reproduce command."""
+    from visionft.resume import with_run_overrides
+
+    out = _copy(finished, tmp_path / "run")
+    (out / "overrides.yaml").write_text(yaml.safe_dump([*TINY, "++overwrite=true"]))
+    argv = with_run_overrides(["resume=true", f"paths.output_dir={out}"])
+    assert not any("overwrite" in a for a in argv)
+    m = train(compose_cfg([a for a in argv if not a.startswith("paths.output_dir=")] + ["trainer.max_epochs=2"],
+                          out))
+    assert m["epochs"] == 2 and m["resumed"]
+    assert "overwrite" not in (out / "README.md").read_text()
+
+
+def test_overwrite_never_clears_a_folder_no_visionft_run_wrote(tmp_path):
+    """Another tool's folder (its own checkpoints/*.ckpt and README) is refused even with overwrite=true, untouched."""
+    out = tmp_path / "project"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "model.ckpt").write_bytes(b"not visionft's")
+    (out / "README.md").write_text("my notes")
+    before = _files(out)
+    with pytest.raises(UsageError, match="holds files no visionft run wrote"):
+        train(compose_cfg([*TINY, "++overwrite=true"], out))
+    assert _files(out) == before
+
+
+def test_a_second_sweep_into_a_folder_a_sweep_is_using_is_refused(tmp_path):
+    """The launching process of a sweep holds its root: another sweep into it is refused before Hydra starts."""
+    root = tmp_path / "sweep"
+    root.mkdir()
+    with open(root / ".lock", "a") as held:  # a running sweep's lock (an flock of the test's own)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = _one_line(_cli(["-m", *TINY, "seed=3,4", f"paths.output_dir={root}"], tmp_path))
+    assert line.startswith(f"{root} is in use by another visionft run")
+    assert sorted(p.name for p in root.iterdir()) == [".lock"]

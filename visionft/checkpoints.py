@@ -202,11 +202,14 @@ def stored_timm_name(meta: dict, source: str) -> str:
     import timm
 
     name = meta.get("timm_name")
+    if isinstance(name, str) and name.startswith(("hf-hub:timm/", "hf_hub:timm/")) and timm.is_model(name[12:]):
+        name = name[12:]  # timm's own hub repo of a model timm lists: the same architecture, no config read
     if not isinstance(name, str) or not name or any(c in name for c in ":/\\"):
         shown = repr(name) if isinstance(name, str) and len(name) <= 300 else reprlib.repr(name)
         raise UsageError(f"{source}: its stored backbone name {shown} is not a timm model name: a "
                          f"checkpoint's model is rebuilt from an architecture timm lists (timm.list_models()) and "
-                         f"its own weights, never from a folder, file or hub repo it names: refusing to build the model")
+                         f"its own weights, never from a folder, file or hub repo it names: refusing to build the "
+                         f"model; retrain it with a backbone.name timm lists")
     if not timm.is_model(name):
         raise UsageError(f"{source} was trained on timm model {name!r}, which this timm ({timm.__version__}) does not "
                          f"know: install the timm version that trained it")

@@ -79,7 +79,7 @@ class NanGuard(L.Callback):
         return {"start": self.start}
 
     def load_state_dict(self, state: dict) -> None:
-        self.start = state.get("start")  # not an older checkpoint's "reference": the first epoch's mean, maybe diverged
+        self.start = state.get("start")  # the loss before any step (a checkpoint without one: none)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._reset()
@@ -115,10 +115,10 @@ class NanGuard(L.Callback):
         if val is None:
             return
         val, ref = float(val), self.reference(trainer, pl_module)
-        if not math.isfinite(val):
-            self._stop(trainer, f"validation loss {val}")
-        if ref is not None and val > self.factor * ref:
-            self._stop(trainer, f"validation loss {val:.4g} > {self.factor:g} x the loss at the start ({ref:.4g})")
+        why = (f"validation loss {val}" if not math.isfinite(val) else
+               f"validation loss {val:.4g} > {self.factor:g} x the loss at the start ({ref:.4g})"
+               if ref is not None and val > self.factor * ref else None)
+        self._agree(trainer, why)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._check(trainer, pl_module)
@@ -129,13 +129,18 @@ class NanGuard(L.Callback):
         if not self._n:
             return
         first_bad = int(self._first_bad)
-        if first_bad >= 0:
-            self._stop(trainer, f"loss not finite from step {first_bad}")
         mean = float(self._sum) / self._n * trainer.accumulate_grad_batches
         ref = self.reference(trainer, pl_module)
-        if ref is not None and mean > self.factor * ref:
-            self._stop(trainer, f"mean training loss {mean:.4g} > {self.factor:g} x the loss at the start "
-                                f"({ref:.4g})")
+        why = (f"loss not finite from step {first_bad}" if first_bad >= 0 else
+               f"mean training loss {mean:.4g} > {self.factor:g} x the loss at the start ({ref:.4g})"
+               if ref is not None and mean > self.factor * ref else None)
+        self._agree(trainer, why)
+
+    def _agree(self, trainer, why: str | None) -> None:
+        """Stop when this process or any other diverged (each judges its own batches): every process stops
+        together, none waits for the others at the next collective."""
+        if trainer.strategy.reduce_boolean_decision(why is not None, all=False):
+            self._stop(trainer, why or "another process's loss diverged")
 
     def _stop(self, trainer, why: str) -> None:
         lrs = sorted({g["lr"] for opt in trainer.optimizers for g in opt.param_groups})

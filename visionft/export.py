@@ -38,7 +38,7 @@ def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
     if "visionft" not in ckpt:
         raise UsageError(f"{ckpt_path} is not a visionft checkpoint (no 'visionft' metadata)")
     meta = ckpt["visionft"]
-    name = stored_timm_name(meta, str(ckpt_path))  # before timm sees it: never a folder or hub repo it names
+    name = meta["timm_name"] = stored_timm_name(meta, str(ckpt_path))  # before timm sees it: no folder or hub repo
     kwargs = checked_model_kwargs(meta, str(ckpt_path))
     backbone = create_backbone(name, meta["num_classes"], pretrained=False,
                                kwargs={k: v for k, v in kwargs.items() if k != "img_size"},

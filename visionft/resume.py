@@ -8,8 +8,9 @@ import re
 import shlex
 from pathlib import Path
 
-# not carried over: a resumed run continues from the folder's last.ckpt, whatever checkpoint the run began from
-NOT_CARRIED = ("ckpt_path", "resume")
+# not carried over: a resumed run continues from the folder's last.ckpt, whatever checkpoint the run began from, and
+# never replaces the run it continues (overwrite=true started it)
+NOT_CARRIED = ("ckpt_path", "resume", "overwrite")
 
 
 def _key(override) -> str:

@@ -57,8 +57,8 @@ class FolderLock:
         except BlockingIOError:
             holder = os.read(self.fd, 300).decode(errors="replace").strip() or "pid unknown"
             self.release()
-            raise UsageError(f"{out} is in use by another visionft run ({holder}): wait for it to finish or pass "
-                             f"another paths.output_dir") from None
+            raise UsageError(f"{out} is in use by another visionft run ({holder}){_ended(holder)}: wait for it to "
+                             f"finish or pass another paths.output_dir") from None
         except BaseException:
             self.release()
             raise
@@ -74,6 +74,21 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
+
+
+def _ended(holder: str) -> str:
+    """A note when the holder named is a process of this machine that has ended: its data-loader workers hold the
+    lock until they notice (a few seconds)."""
+    words = holder.split()
+    if len(words) < 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != socket.gethostname():
+        return ""
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return "; that process has ended and its data-loader workers are stopping: retry in a few seconds"
+    except OSError:
+        pass
+    return ""
 
 
 def lock(out: Path) -> None:
@@ -117,6 +132,32 @@ def run_in(out: Path) -> list[str]:
     return found + sorted(f"checkpoints/{p.name}" for p in (out / "checkpoints").glob("*.ckpt"))
 
 
+def written_by_visionft(out: Path, found: list[str]) -> bool:
+    """Whether the run in ``out`` is visionft's: its command line on record, or a checkpoint (read weights-only) that
+    holds visionft's model record, or its ``metrics.json``. Another tool's folder (its own ``checkpoints/*.ckpt``, README, logs) is not."""
+    from visionft.checkpoints import read_checkpoint
+
+    if (out / "overrides.yaml").is_file() or "strategy" in _json(out / "metrics.json"):
+        return True
+    for name in found:
+        try:
+            if name.endswith(".ckpt") and "visionft" in read_checkpoint(out / name):
+                return True
+        except (UsageError, OSError):
+            continue
+    return False
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def _within(path, folder) -> bool:
     path, folder = (Path(os.path.realpath(os.path.expanduser(str(p)))) for p in (path, folder))
     return path == folder or folder in path.parents
@@ -140,6 +181,9 @@ def claim(cfg: DictConfig, out: Path) -> None:
         return
     if not cfg.get("overwrite"):
         raise UsageError(held_run(out, found))
+    if not written_by_visionft(out, found):
+        raise UsageError(f"overwrite=true removes a visionft run's files, and {out} holds files no visionft run wrote "
+                         f"({', '.join(found)}): choose another paths.output_dir")
     log.warning("overwrite=true: removing the run in %s (%s)", out, ", ".join(found))
     clear(out, hydra=not hydra_started_in(out))
 
@@ -203,9 +247,11 @@ def claim_before_hydra(cfg: DictConfig, out: str | None, multirun: bool) -> str 
 
 
 def sweep_claim(cfg: DictConfig, root: Path) -> None:
-    """A sweep into ``root`` (its jobs in ``root/<n>``) where an earlier sweep's jobs hold runs: refused, or with
+    """A sweep into ``root`` (its jobs in ``root/<n>``): locked for the sweep's life; where an earlier sweep's jobs
+    hold runs: refused, or with
     ``overwrite=true`` those runs are removed (each job folder that no run holds at the moment), so that the new
     sweep's report lists its own jobs alone. Each job then claims its own folder as it starts."""
+    lock(root)  # held by the launching process for the whole sweep: a second sweep into root is refused
     jobs = sorted((d for d in (root.iterdir() if root.is_dir() else []) if d.name.isdigit() and run_in(d)),
                   key=lambda d: int(d.name))
     if not jobs or cfg.get("resume"):

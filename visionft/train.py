@@ -119,9 +119,6 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
     except BadImages as e:  # on_bad_image=error: the whole list is in the run dir
         raise UsageError(f"{e} (all of them, with reasons: {write_rejected(e.rejected, out)})") from None
     resumed = resumecheck.check(cfg, out, module, dm, overrides)  # before anything in the folder changes
-    write_rejected(getattr(dm, "rejected", {}), out)
-    (out / "checkpoints" / "final.ckpt").unlink(missing_ok=True)  # a reused run dir's old final model is not this run's
-    clear_report(out)  # nor are its old predictions and figures
     if wise_alphas(cfg) and not (module.strategy.gradient_fit and module.gates.trains_body()):
         raise UsageError(f"wise.alphas interpolates the backbone between the start and the end of fine-tuning, and "
                          f"strategy {module.strategy.name} leaves the backbone as it was: drop wise.alphas (or use "
@@ -131,6 +128,9 @@ def set_up(cfg: DictConfig, overrides: list[str] | None = None) -> Parts:
                          f"tensors WiSE-FT keeps as trained at both ends (the head, and randomly initialized ones "
                          f"such as prompt tokens, whose start is no pretrained model) and freezes the rest, so every "
                          f"alpha gives the fine-tuned model: drop wise.alphas")
+    write_rejected(getattr(dm, "rejected", {}), out)  # every refusal above left the folder as it was
+    (out / "checkpoints" / "final.ckpt").unlink(missing_ok=True)  # a reused run dir's old final model is not this run's
+    clear_report(out)  # nor are its old predictions and figures
     unused = [k for k, on in (("compile", cfg.compile), *((f"loss.{k}", cfg.loss[k]) for k in NOT_IN_PROBE)) if on]
     if not module.strategy.gradient_fit and unused:
         log.warning("strategy %s solves its head in closed form on cached features: %s do%s not apply",

@@ -13,7 +13,7 @@ from visionft.imbalance import card_line
 ARTIFACTS = ["checkpoints/*.ckpt", "export/*/*", "adapter/*", "*.safetensors", "wise/*", "predictions/*",
              "bad_images.csv", "metrics.json", "config.yaml", "overrides.yaml", "csv/metrics.csv"]
 
-RESUME_KEYS = {"resume", "ckpt_path", "resume_changes"}
+RESUME_KEYS = {"resume", "ckpt_path", "resume_changes", "overwrite"}
 
 
 def _md(df: pd.DataFrame) -> str:
