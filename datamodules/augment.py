@@ -2,8 +2,8 @@
 
 - ``albumentations(size, cv2_interp)``: the per-sample pipeline (uint8 HWC, CPU, any number of workers);
 - ``sample(n, (h, w), size, generator)``: the same random geometry for a whole batch, as (n, 3, 3) matrices mapping
-  output pixel coordinates to source pixel coordinates and (n, 4) boxes of the source each output may read; ``warp`` applies them on the batch's device with one
-  ``grid_sample`` (the device-resident path, ``datamodules.resident``).
+  output pixel coordinates to source pixel coordinates and (n, 4) boxes of the source each output may read; ``warp``
+  applies them on the batch's device with one ``grid_sample`` (the device-resident path, ``datamodules.resident``).
 
 The sampling follows albumentations' own (``RandomResizedCrop``: ten tries of area and log-ratio, start offsets,
 central fallback; ``Affine``: translation truncated to pixels, x and y scales drawn independently, rotation about

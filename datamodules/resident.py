@@ -61,7 +61,8 @@ class ResidentTrainLoader(Position):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def batch(self, epoch: int, k: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``k`` of ``epoch``: images ``index`` with geometry drawn from a generator seeded by (seed, epoch, k)."""
+        """Batch ``k`` of ``epoch``: images ``index`` with geometry drawn from a generator seeded by
+        (seed, epoch, k)."""
         g = torch.Generator().manual_seed(mix(self.seed, epoch, k, 7))
         idx = index.to(self.images.device)
         if self.preset.fixed and self.sizes is None and tuple(self.images.shape[-2:]) == (self.size, self.size):

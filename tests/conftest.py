@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network

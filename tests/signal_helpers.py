@@ -9,7 +9,8 @@ import lightning as L
 
 
 class SlowBatches(L.Callback):
-    """From epoch ``epoch`` on, every training batch first touches ``marker`` (the test's cue) and sleeps ``seconds``."""
+    """From epoch ``epoch`` on, every training batch first touches ``marker`` (the test's cue) and sleeps
+    ``seconds``."""
 
     def __init__(self, marker: str, epoch: int = 0, seconds: float = 5.0) -> None:
         self.marker, self.epoch, self.seconds = Path(marker), epoch, seconds

@@ -65,7 +65,8 @@ def _bottleneck(a, x: torch.Tensor, conv: bool, stride: int = 1) -> torch.Tensor
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
 @pytest.mark.parametrize("name,site", [("test_vit", "blocks.1.mlp"), ("test_resnet", "layer2.0")])
 def test_each_placement_computes_its_formula(name, site, placement):
-    """parallel: f(x) + s*A(x) from the site's input (strided like a downsampling block); sequential: f(x) + s*A(f(x))."""
+    """parallel: f(x) + s*A(x) from the site's input (strided like a downsampling block);
+    sequential: f(x) + s*A(f(x))."""
     torch.manual_seed(0)
     b = create_backbone(name, 10, pretrained=False, image_size=32, kwargs={"zero_init_last": False}
                         if name == "test_resnet" else None)

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from conftest import TINY
 from hydra.utils import instantiate
 
 import visionft
-from conftest import TINY
 
 
 def test_fit_load_and_predict_reproduce_the_runs_evaluation(tmp_path):

@@ -142,10 +142,10 @@ def _photo_folder(root, bad: bool = False):
 def test_missing_weights_are_found_before_any_image_is_read(tmp_path, monkeypatch):
     """Offline with no weights cached: build() stops on the weights before the folder is scanned (on CIFAR-10 the
     scan of 60k files took 56 s before the weights error)."""
-    import datamodules.imagefolder
+    from conftest import compose_cfg
     from huggingface_hub import constants
 
-    from conftest import compose_cfg
+    import datamodules.imagefolder
     from visionft.build import build
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))  # nothing downloaded, wherever

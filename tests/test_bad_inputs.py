@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 from visionft.errors import UsageError
-
-from conftest import TINY
 
 FOLDER_RUN = ["data=imagefolder", "backbone.name=test_resnet", "backbone.pretrained=false", "data.batch_size=4",
               "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
@@ -224,6 +223,7 @@ sys.addaudithook(_audit)  # Python's own record of every file opened in this pro
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     from conftest import compose_cfg
+
     from visionft.train import train
 
     out = tmp_path_factory.mktemp("tiny") / "run"
@@ -301,8 +301,8 @@ def test_a_run_from_a_local_dir_backbone_records_the_timm_name_and_exports(tmp_p
     import json
 
     import torch
-
     from conftest import compose_cfg
+
     from visionft.export import export
     from visionft.train import train
 

@@ -1,10 +1,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import compose_cfg
 from hydra.utils import instantiate
 
 import visionft.conf
-from conftest import compose_cfg
 
 CONF = Path(visionft.conf.__file__).parent
 OPTIONS = [(g.name, f.stem) for g in sorted(CONF.iterdir()) if g.is_dir() and not g.name.startswith("_")

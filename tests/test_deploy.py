@@ -231,6 +231,7 @@ def test_predict_takes_a_checkpoint_or_a_run_directory_and_scores_a_labelled_fol
     labelled folder (<folder>/<class>/...) each row carries the folder's class, and the accuracy printed is the
     fraction of top-1 labels equal to it."""
     from conftest import TINY, compose_cfg
+
     from visionft import cli
     from visionft.predict import accuracy
 
@@ -266,6 +267,7 @@ def test_predict_refuses_a_bad_topk_and_inputs_with_no_readable_image(tmp_path, 
     """`--topk 0` / `--topk -3` and inputs with no readable image (which exited 0 with "0 images predicted") are
     one line each, exit 2, checked before the model is loaded where they can be."""
     from conftest import TINY, compose_cfg
+
     from visionft import cli
 
     for k in ("0", "-3"):

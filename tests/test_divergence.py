@@ -56,8 +56,8 @@ def test_a_diverged_validation_saves_no_checkpoint_and_the_message_names_the_kep
     from visionft.train import train
 
     out = tmp_path / "run"
-    cfg = tiny_cfg("trainer.max_epochs=3", "callbacks.monitor=val/loss", f"+callbacks.poison._target_={__name__}.PoisonVal",
-                   f"+callbacks.poison.how={how}", output_dir=out)
+    cfg = tiny_cfg("trainer.max_epochs=3", "callbacks.monitor=val/loss",
+                   f"+callbacks.poison._target_={__name__}.PoisonVal", f"+callbacks.poison.how={how}", output_dir=out)
     with pytest.raises(NonFiniteLoss) as e:
         train(cfg)
     message = str(e.value)

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_deploy import _labelled_folder
 
 import visionft
-from test_deploy import _labelled_folder
 from visionft.train import build, train
 
 
@@ -61,7 +61,8 @@ def test_embed_a_dataset_split(run, tmp_path):
 def test_embed_errors_are_one_line(run, tmp_path):
     cfg, m = run
     bad = _cli("--ckpt", m["best_checkpoint"], "--inputs", tmp_path, "--out", tmp_path / "f.txt", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"error: --out {tmp_path / 'f.txt'}: the output must end in .npz or .parquet"
+    assert bad.returncode == 2 and bad.stderr.strip() == (f"error: --out {tmp_path / 'f.txt'}: "
+                                                          "the output must end in .npz or .parquet")
     empty = _cli("--ckpt", m["best_checkpoint"], "--inputs", tmp_path, "--out", tmp_path / "f.npz", cwd=tmp_path)
     assert empty.returncode == 2 and "no images found" in empty.stderr and "Traceback" not in empty.stderr
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY
 
 
@@ -67,6 +66,7 @@ def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
 @pytest.fixture(scope="module")
 def three_class_ckpt(tmp_path_factory):
     from conftest import compose_cfg
+
     from visionft.train import train
 
     out = tmp_path_factory.mktemp("three")
@@ -107,6 +107,7 @@ def test_a_checkpoint_of_another_class_count_is_refused(three_class_ckpt, tmp_pa
 
 def test_resuming_with_a_config_that_changes_the_run_is_refused_naming_the_keys(tmp_path):
     from conftest import compose_cfg
+
     from visionft.train import train
 
     out = tmp_path / "run"

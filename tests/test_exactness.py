@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
 from visionft.train import build, build_trainer, train
 
 
@@ -120,8 +120,8 @@ def _plain_eval(module, loader):
 
 def test_ema_weights_are_what_val_test_and_the_adapter_see(tiny_cfg, tmp_path):
     out = tmp_path / "ema"
-    cfg = tiny_cfg("strategy=lora", "strategy.r=2", "callbacks=[default,ema]", "callbacks.ema.decay=0.5", "trainer.max_epochs=2",
-                   "strategy.lr=5e-2", output_dir=out)
+    cfg = tiny_cfg("strategy=lora", "strategy.r=2", "callbacks=[default,ema]", "callbacks.ema.decay=0.5",
+                   "trainer.max_epochs=2", "strategy.lr=5e-2", output_dir=out)
     metrics = train(cfg)
     ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
     ema, raw = ckpt["state_dict"], ckpt["current_model_state"]  # Lightning's EMA callback wrote both
@@ -200,7 +200,8 @@ def _leaves(node, prefix=""):
         yield prefix[:-1], node
 
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__import__("visionft.conf").conf.__file__).parent / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in
+                     (Path(__import__("visionft.conf").conf.__file__).parent / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

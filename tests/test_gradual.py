@@ -63,8 +63,8 @@ class DumpWeights(L.Callback):
 
 @pytest.mark.slow
 def test_ddp_two_processes_stay_identical_across_an_unfreeze(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(*GRADUAL, "trainer=cpu_ddp", "trainer.devices=2", "trainer.enable_progress_bar=false", "trainer.max_epochs=3",
-                   "trainer.log_every_n_steps=1", output_dir=tmp_path / "ddp")
+    cfg = tiny_cfg(*GRADUAL, "trainer=cpu_ddp", "trainer.devices=2", "trainer.enable_progress_bar=false",
+                   "trainer.max_epochs=3", "trainer.log_every_n_steps=1", output_dir=tmp_path / "ddp")
     dm, backbone, module = build(cfg)
     trainer, _, _ = build_trainer(cfg, tmp_path / "ddp")
     trainer.callbacks.append(DumpWeights(tmp_path))

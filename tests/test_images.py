@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.images import BadImage, check_files, read_rgb
 from datamodules.imagefolder import ImageFolderDataModule
+from datamodules.images import BadImage, check_files, read_rgb
 
 RED, GREEN, BLUE = (200, 30, 30), (30, 200, 30), (30, 30, 200)
 
@@ -132,6 +132,7 @@ def test_datamodule_skips_bad_files_ignores_hidden_and_empty_classes(tmp_path, c
 
 def test_a_run_lists_skipped_files_and_predict_uses_the_same_reader(tmp_path):
     from conftest import TINY, compose_cfg
+
     from visionft.predict import predict_images, preprocessing_of
     from visionft.train import train
 

@@ -16,9 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import TINY, compose_cfg
+from PIL import Image
 
 IMBALANCED = {"train": {"a": 60, "b": 4}, "val": {"a": 4, "b": 4}, "test": {"a": 4, "b": 4}}
 BALANCED = {"train": {"a": 32, "b": 32}, "val": {"a": 4, "b": 4}, "test": {"a": 4, "b": 4}}

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import TINY
 
 SLOW_TINY = [o for o in TINY if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=200"]
@@ -19,7 +18,8 @@ SLOW_TINY = [o for o in TINY if not o.startswith("trainer.max_epochs")] + ["trai
 
 def _launch(tmp_path, *extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "visionft", *SLOW_TINY, *extra, f"paths.output_dir={tmp_path / 'run'}"],
+    return subprocess.Popen([sys.executable, "-m", "visionft", *SLOW_TINY, *extra,
+                             f"paths.output_dir={tmp_path / 'run'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
 
 
@@ -51,6 +51,7 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_nonzero(tmp_path, sig, 
     step = ckpt["global_step"]
     assert f"step {step};" in line and step > 0
     from conftest import compose_cfg
+
     from visionft.train import train
 
     # the command the line names resumes it (in-process: the CLI's part, the signal and the line, is tested above)

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-
 from conftest import TINY
+from peft.tuners.tuners_utils import BaseTunerLayer
 from test_lora import _base_weights
+
 from visionft.backbones import create_backbone
 from visionft.strategies.lora import load_adapter
 from visionft.train import build, train
@@ -86,8 +86,8 @@ def test_wise_follows_the_straight_line_of_the_merged_weights(method, options, t
     """alpha = 0.5 between the start (identity adapters) and a trained-looking end: the merged weights are
     W0 + 0.5 * dW (peft's merge of each end), not a merge of half-way factors; the adapter artifact written
     afterwards reloads onto a fresh backbone as the interpolated model."""
-    from visionft.strategies.peft_methods import Peft
     from visionft.strategies.lora import save_adapter
+    from visionft.strategies.peft_methods import Peft
     from visionft.wise import interpolate, snapshot
 
     b = create_backbone("test_vit", 10, pretrained=False, image_size=32)

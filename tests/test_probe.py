@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import compose_cfg
+
 from visionft.features import embed
 from visionft.probe import solve
 from visionft.train import build

@@ -189,7 +189,8 @@ def test_wise_needs_a_fine_tuning_run(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="leaves the backbone as it was"):
         train(tiny_cfg("strategy=linear_probe", "wise.alphas=[0,1]", output_dir=tmp_path / "run"))
     with pytest.raises(ValueError, match="leaves the backbone as it was"):  # the gradient head too: start == end
-        train(tiny_cfg("strategy=linear_probe", "strategy.solver=adamw", "wise.alphas=[0,1]", output_dir=tmp_path / "r"))
+        train(tiny_cfg("strategy=linear_probe", "strategy.solver=adamw", "wise.alphas=[0,1]",
+                       output_dir=tmp_path / "r"))
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         train(tiny_cfg("strategy=full", "wise.alphas=[0,2]", output_dir=tmp_path / "run"))
 
@@ -259,7 +260,8 @@ def test_a_reused_run_dir_forgets_its_old_final_model(tiny_cfg, tmp_path):
     train(tiny_cfg("strategy=linear_probe", output_dir=tmp_path / "run"))
     assert (tmp_path / "run" / "checkpoints" / "final.ckpt").exists()
     m = train(tiny_cfg("strategy=full", "overwrite=true", output_dir=tmp_path / "run"))
-    assert not (tmp_path / "run" / "checkpoints" / "final.ckpt").exists() and m["final_checkpoint"].endswith("best.ckpt")
+    assert (not (tmp_path / "run" / "checkpoints" / "final.ckpt").exists()
+            and m["final_checkpoint"].endswith("best.ckpt"))
     loaded = torch.load(m["final_checkpoint"], map_location="cpu", weights_only=True)
     assert loaded["hyper_parameters"]["strategy"]["_target_"].endswith("Full")
 

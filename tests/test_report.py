@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TINY
 from hydra.utils import instantiate
 from PIL import Image
 
 import visionft
-from conftest import TINY
 
 RUN = [*TINY, "data.num_classes=4", "data.train_size=96", "data.test_size=48", "trainer.max_epochs=2"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg
 from scipy.stats import ks_2samp
 
-from conftest import compose_cfg
 from datamodules.augment import CropFlip, NoAugment, Shift, warp
 from datamodules.resident import ResidentEvalLoader, ResidentTrainLoader
 from datamodules.transforms import train_transform
@@ -73,7 +73,8 @@ def same_distribution(a: np.ndarray, b: np.ndarray, resolution: float) -> bool:
     ({"name": "crop_flip", "crop_flip": {"scale": [0.08, 1.0]}}, CropFlip((0.08, 1.0)), (40, 56), 32, None),
     ({"name": "crop_flip", "crop_flip": {"scale": [0.35, 1.0]}}, CropFlip((0.35, 1.0)), (40, 56), 32, (64, 64)),
     ({"name": "crop_flip", "crop_flip": {"scale": [0.35, 1.0]}}, CropFlip((0.35, 1.0)), (8, 120), 32, None),  # fallback
-    ({"name": "shift", "shift": {"translate": 0.1, "zoom": 0.1, "rotate": 10}}, Shift(0.1, 0.1, 10), (32, 32), 48, None),
+    ({"name": "shift", "shift": {"translate": 0.1, "zoom": 0.1, "rotate": 10}}, Shift(0.1, 0.1, 10), (32, 32), 48,
+     None),
     ({"name": "shift", "shift": {"translate": 0.1, "zoom": 0.1, "rotate": 10}}, Shift(0.1, 0.1, 10), (30, 44), 40,
      (48, 48)),
 ])
@@ -150,6 +151,7 @@ def test_resident_eval_batches_are_the_per_sample_eval_batches(tmp_path):
     """Val/test on the device are the per-sample pipeline's output, image for image (a folder of non-square PNGs:
     resize + centre crop), and the decoded folder is read back from the disk cache the second time."""
     from test_deploy import _labelled_folder
+
     from datamodules.imagefolder import ImageFolderDataModule
 
     root = _labelled_folder(tmp_path / "imgs", {"train": 4, "val": 3, "test": 3})
@@ -168,7 +170,8 @@ def test_resident_eval_batches_are_the_per_sample_eval_batches(tmp_path):
             assert torch.equal(x, rx) and torch.equal(y, ry)
     assert len(list((tmp_path / "cache" / "images").glob("*.safetensors"))) == 4  # train (+ its sizes), val, test
     train = dm.train_dataloader()  # mixed shapes: one canvas, each image its own size
-    assert isinstance(train, ResidentTrainLoader) and train.sizes is not None and len(set(map(tuple, train.sizes.tolist()))) > 1
+    assert (isinstance(train, ResidentTrainLoader) and train.sizes is not None
+            and len(set(map(tuple, train.sizes.tolist()))) > 1)
     assert [tuple(x.shape) for x, _ in train] == [(4, 3, 32, 32)] * len(train)
     again = ImageFolderDataModule(resident="true", **kw)
     again.configure(32, "bicubic")

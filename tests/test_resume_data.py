@@ -13,7 +13,6 @@ from conftest import TINY
 from omegaconf import OmegaConf
 
 from visionft.checkpoints import config_changes
-
 from visionft.errors import UsageError
 from visionft.resume import with_run_overrides
 from visionft.train import train

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -82,8 +81,8 @@ def test_resident_data_sigkill_then_resume_is_bit_identical(reference_resident, 
 
 def _kill_resume_compare(reference, tmp_path, kill_step: int, *extra: str) -> None:
     out, crashed, resumed = tmp_path / "run", tmp_path / "crashed.txt", tmp_path / "resumed.txt"
-    killed = _run(out, crashed, "+callbacks.killer._target_=resume_helpers.Killer", f"+callbacks.killer.step={kill_step}",
-                  *extra)
+    killed = _run(out, crashed, "+callbacks.killer._target_=resume_helpers.Killer",
+                  f"+callbacks.killer.step={kill_step}", *extra)
     assert killed.returncode == -9, killed.stderr[-3000:]
     # the resume re-applies the run's own overrides (its folder's overrides.yaml), the killer's too: disarm it
     done = _run(out, resumed, "resume=true", "+callbacks.killer.step=-1", *extra)

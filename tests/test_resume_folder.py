@@ -10,9 +10,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
+from conftest import TINY
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import TINY
 from visionft.resume import resume_command, with_run_overrides
 
 STORED = ["data=synthetic", "backbone.name=test_resnet", "trainer.max_epochs=1", "ckpt_path=/runs/start.ckpt",

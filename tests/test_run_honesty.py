@@ -141,9 +141,8 @@ def test_default_num_workers_follows_the_machine(monkeypatch):
     neither PyTorch's "more workers than CPUs" nor Lightning's "few workers" warning applies. A set value stays."""
     import os
 
-    from lightning.fabric.utilities import suggested_max_num_workers
-
     from conftest import compose_cfg
+    from lightning.fabric.utilities import suggested_max_num_workers
 
     for data, cpus, devices, expected in [("cifar10", 2, 1, 1), ("cifar10", 3, 1, 2), ("cifar10", 16, 1, 4),
                                           ("cifar10", 8, 4, 1), ("cifar10", 16, 2, 4), ("cifar100", 2, 1, 1),

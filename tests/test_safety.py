@@ -116,6 +116,7 @@ def test_the_model_kwargs_visionft_writes_are_accepted():
 
 def test_a_run_trained_with_timm_build_flags_exports(tmp_path):
     from conftest import TINY, compose_cfg
+
     from visionft.cli import run
 
     flags = ["+backbone.kwargs.scriptable=true", "+backbone.kwargs.exportable=true",

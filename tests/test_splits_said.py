@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, compose_cfg
 from PIL import Image
 
-from conftest import TINY, compose_cfg
 from datamodules import ImageFolderDataModule
 from visionft.errors import UsageError
 
@@ -62,7 +62,8 @@ def test_no_test_split_reports_val_and_says_there_is_no_separate_test_set(tmp_pa
     root = _folder(tmp_path / "data", {"train": 6, "val": 3}, CLASSES[:2])
     m = _run(root, tmp_path / "run", "data.test_fraction=0")
     assert m["data"] == {"train": 12, "val": 6, "test": 0} and m["test"] == {}
-    assert m["split_origin"]["test"].startswith("none (data.test_fraction=0)") and m["split_origin"]["train"] == "train/"
+    assert (m["split_origin"]["test"].startswith("none (data.test_fraction=0)")
+            and m["split_origin"]["train"] == "train/")
     printed = capsys.readouterr().out
     assert f"val acc {m['val']['val/acc']:.4f}" in printed and "no separate test set" in printed
     card = (tmp_path / "run" / "README.md").read_text()

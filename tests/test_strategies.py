@@ -79,7 +79,8 @@ PARTIAL = {
 ONLY = {"vpt": "vit", "vpt_deep": "vit", "lora_nf4": "vit"}  # ViT-family strategies (bitsandbytes: linear layers)
 # zero_init_last=False: timm zero-initializes each residual block's last BN gamma, which at random init would stop
 # every gradient inside the block (adapters there could never be seen to train)
-MODELS = {"resnet": ("test_resnet", RESNET, ["+backbone.kwargs.zero_init_last=false"]), "vit": ("test_vit", VIT, ["data.image_size=32"])}
+MODELS = {"resnet": ("test_resnet", RESNET, ["+backbone.kwargs.zero_init_last=false"]),
+          "vit": ("test_vit", VIT, ["data.image_size=32"])}
 # further backbones for the strategies whose layers they exercise: timm's LayerNorm2d (an nn.LayerNorm over NCHW
 # channels) in test_convnext, RmsNorm (no bias) in test_vit4
 VIT9 = ["stem", *[f"block{i}" for i in range(1, 10)], "head"]  # timm test_vit4: 9 blocks

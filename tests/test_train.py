@@ -53,7 +53,8 @@ def test_training_options_run(tiny_cfg, tmp_path):
     """Label smoothing, mixup/cutmix, balanced class weights, EMA, clipping, accumulation and early stopping."""
     metrics = train(tiny_cfg(
         "trainer.max_epochs=2", "loss.mixup=0.2", "loss.cutmix=1.0", "loss.label_smoothing=0.1",
-        "loss.class_weights=balanced", "callbacks=[default,ema,early_stopping]", "callbacks.ema.decay=0.9", "trainer.gradient_clip_val=1.0",
+        "loss.class_weights=balanced", "callbacks=[default,ema,early_stopping]", "callbacks.ema.decay=0.9",
+        "trainer.gradient_clip_val=1.0",
         "trainer.accumulate_grad_batches=2", "callbacks.early_stopping.patience=1", "deterministic=true",
         output_dir=tmp_path / "opts"))
     assert metrics["epochs"] >= 1 and "test/acc" in metrics["test"]
@@ -129,7 +130,7 @@ def test_epoch_train_loss_is_the_batch_weighted_mean_of_the_steps(tiny_cfg, tmp_
     trainer.callbacks.append(steps)
     trainer.fit(module, datamodule=dm)
     assert len(steps.n) == 3
-    weighted = sum(l * n for l, n in zip(steps.loss, steps.n)) / sum(steps.n)
+    weighted = sum(loss * n for loss, n in zip(steps.loss, steps.n)) / sum(steps.n)
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(weighted, rel=1e-5)
     assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0
 
@@ -324,6 +325,7 @@ def test_a_full_disk_writing_metrics_json_keeps_the_previous_file_and_is_one_lin
     import sys
 
     from conftest import TINY
+
     from visionft.__main__ import main
 
     out = tmp_path / "run"
@@ -343,8 +345,9 @@ def test_a_full_disk_writing_metrics_json_keeps_the_previous_file_and_is_one_lin
 
 
 def test_without_checkpoint_callbacks_the_evaluated_weights_are_the_final_checkpoint(tiny_cfg, tmp_path):
-    import visionft
     from hydra.utils import instantiate
+
+    import visionft
 
     cfg = tiny_cfg("callbacks.best=null", "callbacks.last=null", output_dir=tmp_path / "run")
     metrics = train(cfg)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from visionft.train import build
 from visionft.wise import anchor_state, interpolate, same_at_every_alpha, snapshot
 

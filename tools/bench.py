@@ -41,7 +41,8 @@ CASES = {
         "peft_lokr": ["strategy=peft", "strategy.method=lokr"],
         "vit_random_linear_probe": ["backbone=vit_small", "backbone.pretrained=false", "strategy=linear_probe"],
         "vit_random_vpt": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt"],
-        "vit_random_vpt_deep": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt", "strategy.deep=true"],
+        "vit_random_vpt_deep": ["backbone=vit_small", "backbone.pretrained=false", "strategy=vpt",
+                                "strategy.deep=true"],
         "adapter": ["strategy=adapter"],
         "adapter_sequential": ["strategy=adapter", "strategy.placement=sequential"],
         "vit_random_adapter": ["backbone=vit_small", "backbone.pretrained=false", "strategy=adapter"],
@@ -130,7 +131,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run every case once per seed (seed=S); "
                    "adds a mean ± std table")
-    p.add_argument("--cifar-root", type=Path, default=None, help="CIFAR-10 JPEGs (ImageFolder): the probe case's photos; overhead: the resident-data cell")
+    p.add_argument("--cifar-root", type=Path, default=None,
+                   help="CIFAR-10 JPEGs (ImageFolder): the probe case's photos; overhead: the resident-data cell")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,7 +153,8 @@ def main() -> None:
             from bench_probe import build_cifar_photos
 
             photos = str(build_cifar_photos(a.cifar_root, work / "cifar10_photos",
-                                            (("train", 4900 if a.device == "cuda" else 500),  # >= 28 batches of 512 on CUDA
+                                            # train: >= 28 batches of 512 on CUDA
+                                            (("train", 4900 if a.device == "cuda" else 500),
                                              ("val", 20), ("test", 20))))
         rows, cols = overhead_rows(work, a.device, a.overrides, a.cells or (["resnet18@32:full"] if photos else None),
                                    photos), COLUMNS

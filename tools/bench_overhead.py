@@ -17,10 +17,10 @@ device synchronized at window boundaries only; each visionft window is compared 
 two raw windows around it (this shared machine's speed drifts 10-20% within seconds and ±20% between processes:
 measured side by side in separate processes or even one after the other in one process, ratios read ±0.1; windows
 of five steps still read ±0.05). ``ROUNDS`` such processes per cell; the ratio is the throughput over the paired
-windows (summed times), with a 95% bootstrap interval, and the median pair ratio (a typical step) beside it. Peak memory: one child per side (CUDA: ``max_memory_allocated``
-after warm-up; CPU: the child's peak resident set). ``linear_probe`` here is its gradient
-head (``strategy.solver=adamw``, the only one with training steps); the default closed-form probe's cost is
-``--case probe``'s.
+windows (summed times), with a 95% bootstrap interval, and the median pair ratio (a typical step) beside it. Peak
+memory: one child per side (CUDA: ``max_memory_allocated`` after warm-up; CPU: the child's peak resident set).
+``linear_probe`` here is its gradient head (``strategy.solver=adamw``, the only one with training steps); the default
+closed-form probe's cost is ``--case probe``'s.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import lightning as L
+import torch
 
 WARMUP = 3  # steps of each side excluded
 # (steps per timed window, timed visionft windows per process): on CPU windows of one step, so that a pair's two sides
@@ -328,10 +328,12 @@ def paired_speeds(speed: list[dict], batch: int) -> dict:
         return sum(a for a, _ in sample) / sum(v for _, v in sample)
 
     boot = sorted(throughput(rng.choices(pairs, k=len(pairs))) for _ in range(2000))
-    return {"raw_images_per_s": round(statistics.median(raw), 1), "visionft_images_per_s": round(statistics.median(vf), 1),
+    return {"raw_images_per_s": round(statistics.median(raw), 1),
+            "visionft_images_per_s": round(statistics.median(vf), 1),
             "ratio": round(throughput(pairs), 3), "ratio_ci95": f"{boot[50]:.3f}-{boot[1949]:.3f}",
             "step_ratio": round(statistics.median(ratios), 3), "step_ratio_iqr": f"{q1:.3f}-{q3:.3f}",
-            "pairs": len(pairs), "raw_windows": [round(w, 1) for w in raw], "visionft_windows": [round(w, 1) for w in vf]}
+            "pairs": len(pairs), "raw_windows": [round(w, 1) for w in raw],
+            "visionft_windows": [round(w, 1) for w in vf]}
 
 
 COLUMNS = ["backbone", "strategy", "data", "image_size", "batch", "raw_images_per_s", "visionft_images_per_s", "ratio",

@@ -23,8 +23,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
 REPEATS = 2  # the raw pass and the cold run are each timed twice; the faster of each counts (noise of a shared machine)
-COLUMNS = ["dataset", "images", "raw_forward_s", "raw_nhwc_s", "probe_cold_s", "cold_vs_forward", "probe_warm_s", "warm_embedded",
-           "adamw_s", "adamw_vs_probe", "probe_test_acc", "sklearn_test_acc", "probe_minus_sklearn_pt",
+COLUMNS = ["dataset", "images", "raw_forward_s", "raw_nhwc_s", "probe_cold_s", "cold_vs_forward", "probe_warm_s",
+           "warm_embedded", "adamw_s", "adamw_vs_probe", "probe_test_acc", "sklearn_test_acc", "probe_minus_sklearn_pt",
            "adamw_test_acc", "knn20_test_acc"]
 
 
@@ -129,7 +129,8 @@ def probe_rows(work: Path, cifar_root: Path | None, extra: list[str]) -> list[di
             "probe_warm_s": warm["wall_time_s"], "warm_embedded": ",".join(warm["probe"]["embedded"]) or "none",
             "adamw_s": adamw["wall_time_s"], "adamw_vs_probe": round(adamw["wall_time_s"] / cold["wall_time_s"], 1),
             "probe_test_acc": round(acc, 4), "sklearn_test_acc": round(sk_acc, 4),
-            "probe_minus_sklearn_pt": round(100 * (acc - sk_acc), 2), "adamw_test_acc": round(adamw["test"]["test/acc"], 4),
+            "probe_minus_sklearn_pt": round(100 * (acc - sk_acc), 2),
+            "adamw_test_acc": round(adamw["test"]["test/acc"], 4),
             "knn20_test_acc": cold["probe"]["knn"]["k=20"]["test"], "probe_l2": cold["probe"]["l2"], "sklearn_C": sk_c,
             "probe_embed_s": cold["probe"]["embed_s"], "probe_solve_s": cold["probe"]["solve_s"],
             "bars": {"accuracy": acc >= sk_acc - 0.005, "cost": cold["wall_time_s"] <= 1.2 * raw_s,

@@ -25,7 +25,8 @@ def scan(root: str) -> dict:
         for f in files:
             if not os.path.islink(os.path.join(here, f)):
                 disk[os.path.realpath(os.path.join(here, f))] = os.path.relpath(here, root).split(os.sep)
-    used = [(os.path.realpath(p), dm.classes[y], s) for s, sp in dm.splits.items() for p, y in zip(sp.images, sp.labels)]
+    used = [(os.path.realpath(p), dm.classes[y], s)
+            for s, sp in dm.splits.items() for p, y in zip(sp.images, sp.labels)]
     count = collections.Counter(r for r, _, _ in used)
     splits_of = collections.defaultdict(set)
     for r, _, s in used:

@@ -92,7 +92,8 @@ class Trained:
         from visionft.predict import predict_images, preprocessing_of
 
         rows, failed = predict_images(self.model, preprocessing_of(self.meta),
-                                      ((i if not isinstance(im, (str, Path)) else im, im) for i, im in enumerate(images)),
+                                      ((i if not isinstance(im, (str, Path)) else im, im)
+                                       for i, im in enumerate(images)),
                                       topk, batch_size)
         if failed:
             raise UsageError(f"cannot read {len(failed)} image(s): {failed[:3]}")

@@ -67,8 +67,9 @@ def build(cfg: DictConfig):
     strategy = instantiate(cfg.strategy)
     checkpoint = cfg.backbone.get("checkpoint")
     if checkpoint and not strategy.uses_pretrained:
-        raise UsageError(f"strategy={strategy.name.lower()} trains from random init, but backbone.checkpoint={checkpoint} "
-                         f"is set: drop backbone.checkpoint, or fine-tune it with strategy=full")
+        raise UsageError(f"strategy={strategy.name.lower()} trains from random init, but "
+                         f"backbone.checkpoint={checkpoint} is set: drop backbone.checkpoint, "
+                         "or fine-tune it with strategy=full")
     if cfg.backbone.pretrained and strategy.uses_pretrained and not checkpoint and cfg.backbone.get("name"):
         resolve_weights(cfg.backbone.name)  # WeightsUnavailable (offline, none cached) in seconds
     dm = instantiate(cfg.data)
@@ -100,7 +101,8 @@ def instantiate_entries(node: DictConfig | None, group: str) -> list:
             except InstantiationException as e:
                 missing = isinstance(e.__cause__, (ImportError, ModuleNotFoundError))
                 if missing and name in EXTRAS:
-                    raise UsageError(f"{group}={name} needs its library: pip install \"visionft[{EXTRAS[name]}]\"") from e
+                    raise UsageError(f"{group}={name} needs its library: "
+                                     f"pip install \"visionft[{EXTRAS[name]}]\"") from e
                 raise
     return out
 

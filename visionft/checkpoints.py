@@ -58,7 +58,8 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower():
             raise UsageError(f"{what}={path} holds pickled Python objects, which visionft never loads (unpickling "
-                             f"can run code): use a checkpoint saved with plain tensors (any visionft checkpoint)") from None
+                             f"can run code): use a checkpoint saved with plain tensors "
+                             "(any visionft checkpoint)") from None
         raise unreadable(path, what, e) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise unreadable(path, what, e) from None
@@ -100,7 +101,8 @@ def check_fits(ckpt: dict, module, what: str) -> None:
               if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
     missing, extra = [k for k in mine if k not in theirs], [k for k in theirs if k not in mine]
     if shapes or missing or extra:
-        detail = shapes[:2] or [f"missing {', '.join(missing[:2])}" if missing else f"unexpected {', '.join(extra[:2])}"]
+        detail = shapes[:2] or [f"missing {', '.join(missing[:2])}" if missing
+                                else f"unexpected {', '.join(extra[:2])}"]
         raise UsageError(f"{what} does not fit the model of this run ({'; '.join(detail)}): resume with the "
                          f"overrides that run used (data, backbone, strategy), or start a new run without it")
 

@@ -1,5 +1,5 @@
-"""``visionft export``, ``predict``, ``embed`` and ``report``: plain argparse, so that any path works (Hydra's override grammar
-rejects spaces, parentheses, commas, '=' and non-ASCII characters in values)."""
+"""``visionft export``, ``predict``, ``embed`` and ``report``: plain argparse, so that any path works (Hydra's override
+grammar rejects spaces, parentheses, commas, '=' and non-ASCII characters in values)."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,8 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="output folder (default: <run>/export/<format>)")
     a = p.parse_args(argv)
     artifact, report = export(a.ckpt, a.format, a.out)
-    print(f"exported {artifact}\nparity ({report['inputs']}): {json.dumps({k: v for k, v in report.items() if k != 'inputs'})}")
+    print(f"exported {artifact}\nparity ({report['inputs']}): "
+          f"{json.dumps({k: v for k, v in report.items() if k != 'inputs'})}")
     return 0
 
 

@@ -35,7 +35,8 @@ def model_and_preprocessing(ckpt: str | None, backbone: str | None, image_size: 
     from visionft.api import compose
 
     presets = {p.name[:-5] for p in files("visionft.conf").joinpath("backbone").iterdir() if p.name.endswith(".yaml")}
-    cfg = compose([f"backbone={backbone}"] if backbone in presets - {"timm"} else ["backbone=timm", f"backbone.name={backbone}"])
+    cfg = compose([f"backbone={backbone}"] if backbone in presets - {"timm"}
+                  else ["backbone=timm", f"backbone.name={backbone}"])
     made = instantiate(cfg.backbone, _convert_="all")(num_classes=1, image_size=image_size)  # pre-logits: any head
     dc = made.data_config
     meta = {"image_size": int(dc["input_size"][-1]), "interpolation": dc["interpolation"],
@@ -107,7 +108,8 @@ def dataset_items(data: str, split: str, overrides: list[str], prep: dict, hpara
     dm.eval_crop_pct = prep["crop_pct"]
     dm.setup()
     images = dm.splits[split].images
-    paths = [str(p) for p in images] if not isinstance(images, np.ndarray) else [f"{split}[{i}]" for i in range(len(images))]
+    paths = ([str(p) for p in images] if not isinstance(images, np.ndarray)
+             else [f"{split}[{i}]" for i in range(len(images))])
     return dm.dataset(split, train_aug=False), paths, list(dm.classes)
 
 

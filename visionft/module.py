@@ -65,7 +65,8 @@ def make_metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
-def checkpoint_meta(backbone: Backbone, num_classes: int, classes: list[str] | None, geometry: dict | None = None) -> dict:
+def checkpoint_meta(backbone: Backbone, num_classes: int, classes: list[str] | None,
+                    geometry: dict | None = None) -> dict:
     """What export and inference need, saved in every checkpoint (plain types: checkpoints load weights-only).
     ``geometry`` is the evaluation geometry the datamodule really used (size, interpolation, crop), so that
     inference preprocesses exactly as evaluation did; without it, the backbone's pretrained config."""
@@ -236,7 +237,8 @@ class TransferModule(L.LightningModule):
     def param_counts(self) -> dict[str, int]:
         """Parameters that trained in the run (in the epochs it entered: a group that gradual unfreezing would open
         after the last epoch, or after early stopping, is not counted; before any fit, epoch 0) and all parameters;
-        a frozen copy a wrapper keeps of a parameter (e.g. the original of a head it trains a copy of) is not counted twice."""
+        a frozen copy a wrapper keeps of a parameter (e.g. the original of a head it trains a copy of) is not counted
+        twice."""
         dup = self.adapted.duplicate
         return {"trainable_params": self.gates.trained_params(self.model, skip=dup),
                 "total_params": sum(self.adapted.numel(n, p) for n, p in self.model.named_parameters() if not dup(n))}

@@ -109,7 +109,8 @@ def make_optimizer(factory, groups: list[dict], lr: float, on_cuda: bool):
     if "lr" in getattr(factory, "keywords", {}):
         raise UsageError("optimizer.lr is not used: the base LR is the strategy's, set strategy.lr=...")
     func = getattr(factory, "func", factory)
-    fused = on_cuda and "fused" in inspect.signature(func).parameters and "fused" not in getattr(factory, "keywords", {})
+    fused = (on_cuda and "fused" in inspect.signature(func).parameters
+             and "fused" not in getattr(factory, "keywords", {}))
     return factory(groups, lr=lr, **({"fused": True} if fused else {}))
 
 

@@ -138,8 +138,9 @@ def expand(inputs: list[str]) -> list[Path]:
 
 def preprocessing_of(meta: dict) -> dict:
     """The predict config of a checkpoint's metadata (what ``read_config`` gives for an exported artifact)."""
-    return {"size": int(meta["image_size"]), "interpolation": meta["interpolation"], "crop_pct": float(meta["crop_pct"]),
-            "mean": meta["mean"], "std": meta["std"], "labels": list(meta["classes"])}
+    return {"size": int(meta["image_size"]), "interpolation": meta["interpolation"],
+            "crop_pct": float(meta["crop_pct"]), "mean": meta["mean"], "std": meta["std"],
+            "labels": list(meta["classes"])}
 
 
 def _rgb_uint8(image) -> np.ndarray:

@@ -183,8 +183,9 @@ def _rows(module, dm, split: str, views: int, device, precision: str, backbone_h
     key = {"backbone": module.meta["timm_name"], "model_kwargs": module.meta["model_kwargs"], "weights": backbone_hash,
            "transform": repr(dataset.transform), "augmented": views > 0, "image_size": dm.image_size,
            "mean": module.meta["mean"], "std": module.meta["std"], "precision": str(precision),
-           "device": device.type, **versions(), "tf32": [torch.backends.cuda.matmul.allow_tf32,
-                                                         torch.backends.cudnn.allow_tf32] if device.type == "cuda" else None}
+           "device": device.type, **versions(),
+           "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+           if device.type == "cuda" else None}
     ids, labels = image_ids(dm.splits[split].images), torch.as_tensor(dm.splits[split].labels, dtype=torch.long)
     if views:
         ids, labels = view_ids(ids, views, dm.seed), labels.repeat(views)

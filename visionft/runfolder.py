@@ -134,7 +134,8 @@ def run_in(out: Path) -> list[str]:
 
 def written_by_visionft(out: Path, found: list[str]) -> bool:
     """Whether the run in ``out`` is visionft's: its command line on record, or a checkpoint (read weights-only) that
-    holds visionft's model record, or its ``metrics.json``. Another tool's folder (its own ``checkpoints/*.ckpt``, README, logs) is not."""
+    holds visionft's model record, or its ``metrics.json``. Another tool's folder (its own ``checkpoints/*.ckpt``,
+    README, logs) is not."""
     from visionft.checkpoints import read_checkpoint
 
     if (out / "overrides.yaml").is_file() or "strategy" in _json(out / "metrics.json"):

@@ -13,9 +13,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
 from datamodules.imagefolder import BadImages
+from visionft import cachedir, imbalance, resumecheck, runfolder
 from visionft.build import build, build_trainer  # noqa: F401  (train(cfg) and tests build runs with these)
-from visionft import cachedir
-from visionft import imbalance
 from visionft.callbacks import Interrupted, Preemption
 from visionft.checkpoints import save_weights
 from visionft.errors import UsageError
@@ -24,9 +23,9 @@ from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
 from visionft.outputs import (  # noqa: F401
     ExportFailed,
+    clear_report,
     export_final,
     summary,
-    clear_report,
     task_overrides,
     write_outputs,
     write_overrides,
@@ -34,11 +33,9 @@ from visionft.outputs import (  # noqa: F401
     write_report,
 )
 from visionft.probe import ProbeRun, feature_metrics, knn_accuracies, run_probe
-from visionft.resume import resume_command
-from visionft import resumecheck
-from visionft import runfolder
 from visionft.report.predictions import TestPredictions, feature_probs
 from visionft.report.predictions import save as save_predictions
+from visionft.resume import resume_command
 from visionft.shipped import ValPredictions, check_val_predictions, chosen_model, confusion_of, selected_by
 from visionft.wise import same_at_every_alpha, snapshot, wise_ft
 

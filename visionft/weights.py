@@ -221,7 +221,8 @@ def load_pretrained(model: nn.Module, backbone: str) -> str:
     cached, source = _cached_file(model.pretrained_cfg), model.pretrained_cfg.get("source")
     if cached:
         apply_state_dict(model, load_state_dict_file(cached), cached)
-        kind = "local-dir" if source == "local-dir" else "hf-cache" if model.pretrained_cfg.get("hf_hub_id") else "cache"
+        kind = ("local-dir" if source == "local-dir"
+                else "hf-cache" if model.pretrained_cfg.get("hf_hub_id") else "cache")
         return f"{kind}:{cached}"
     if source == "local-dir":
         raise WeightsUnavailable(f"backbone {backbone!r}: {model.pretrained_cfg.get('file')} holds no "

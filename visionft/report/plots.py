@@ -119,7 +119,8 @@ def sweep_metric(groups: pd.DataFrame, keys: list[str], metric: str, path: Path)
         xs = part["_x"]
         ax.errorbar(xs, part["mean"], yerr=part["std"].fillna(0), fmt="o-" if numeric else "o", capsize=3,
                     label=label or None)
-    ax.set_xticks(range(len(order)), order, rotation=30 if len(order) > 4 else 0, ha="right" if len(order) > 4 else "center")
+    ax.set_xticks(range(len(order)), order, rotation=30 if len(order) > 4 else 0,
+                  ha="right" if len(order) > 4 else "center")
     ax.set(xlabel=x_key, ylabel=f"{metric} (mean ± std over seeds)")
     if hue:
         ax.legend(title=", ".join(hue), fontsize=7)

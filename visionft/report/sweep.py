@@ -26,7 +26,8 @@ def jobs(root: Path) -> list[Path]:
     """Job directories: those Hydra started (``.hydra/overrides.yaml``), those holding a ``metrics.json``, and
     folders named by a job number (a multirun with ``paths.output_dir=DIR`` writes DIR/<num>, even for a job that
     crashed before its metrics)."""
-    found = {p.parent.parent for p in root.glob("**/.hydra/overrides.yaml")} | {p.parent for p in root.glob("*/metrics.json")}
+    found = ({p.parent.parent for p in root.glob("**/.hydra/overrides.yaml")}
+             | {p.parent for p in root.glob("*/metrics.json")})
     found |= {p.parent for p in root.glob(f"*/{sweepjobs.ERROR_FILE}")}
     found |= {d for d in root.iterdir() if d.is_dir() and d.name.isdigit()} if found else set()
     return sorted((j for j in found if j != root), key=lambda p: (len(p.name), p.name))

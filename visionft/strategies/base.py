@@ -16,10 +16,10 @@ update batch statistics. BatchNorm of a group that is not open is always in eval
 How a schedule is enforced (see ``visionft.optim``): every optimizer param group exists from step 0; a group's LR is
 base_schedule(step) x lr_scale x [group open at this step's epoch]. Groups never opened are frozen with
 ``requires_grad=False`` before the Trainer starts (fixed for the run, so DDP-safe). Groups that open later keep
-``requires_grad=True`` under any multi-device strategy (a DDP reducer must see them from the start) and their gradients are dropped while
-closed; on one device they are hard-frozen until they open, which saves their backward compute. Either way a
-closed group receives no update, no weight decay and no optimizer state, so Adam state starts fresh when it opens,
-and gradient clipping (which only sees gradients that exist) covers open groups only.
+``requires_grad=True`` under any multi-device strategy (a DDP reducer must see them from the start) and their
+gradients are dropped while closed; on one device they are hard-frozen until they open, which saves their backward
+compute. Either way a closed group receives no update, no weight decay and no optimizer state, so Adam state starts
+fresh when it opens, and gradient clipping (which only sees gradients that exist) covers open groups only.
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ class Scratch(Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.bn != "train":
-            raise UsageError("strategy=scratch trains BatchNorm statistics from random init: strategy.bn must be 'train'")
+            raise UsageError("strategy=scratch trains BatchNorm statistics from random init: "
+                             "strategy.bn must be 'train'")
 
 
 @dataclass

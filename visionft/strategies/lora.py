@@ -35,7 +35,8 @@ class Lora(Strategy):
     use_dora: bool = False
     target_modules: str | list[str] | None = None  # None: DEFAULT_TARGETS for the backbone's family
     loraplus_ratio: float = 1.0  # LoRA+: the B matrices get lr x ratio (e.g. 16); 1.0 = off
-    quantize: str | None = None  # nf4 | int8: a quantized frozen base (QLoRA, bitsandbytes; visionft.strategies.quantize)
+    # nf4 | int8: a quantized frozen base (QLoRA, bitsandbytes; visionft.strategies.quantize)
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -39,8 +39,8 @@ class Peft(Strategy):
         fields = set(config_cls.__dataclass_fields__)
         unknown = sorted(set(self.options) - fields)
         if unknown:
-            raise UsageError(f"strategy.options {unknown} are not options of peft's {config_cls.__name__}; its options: "
-                             f"{', '.join(sorted(f for f in fields if not f.startswith('_')))}")
+            raise UsageError(f"strategy.options {unknown} are not options of peft's {config_cls.__name__}; "
+                             f"its options: {', '.join(sorted(f for f in fields if not f.startswith('_')))}")
         targets = find_targets(model, self.target_modules)
         return config_cls(**{"target_modules": targets, "modules_to_save": [classifier], **dict(self.options)})
 

@@ -15,8 +15,20 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from timm.layers import (LayerNorm2d, LayerNorm2dFp32, LayerNormAct2d, LayerNormAct2dFp32, RmsNorm, RmsNorm2d,
-                         RmsNorm2dFp32, RmsNormFp32, SimpleNorm, SimpleNorm2d, SimpleNorm2dFp32, SimpleNormFp32)
+from timm.layers import (
+    LayerNorm2d,
+    LayerNorm2dFp32,
+    LayerNormAct2d,
+    LayerNormAct2dFp32,
+    RmsNorm,
+    RmsNorm2d,
+    RmsNorm2dFp32,
+    RmsNormFp32,
+    SimpleNorm,
+    SimpleNorm2d,
+    SimpleNorm2dFp32,
+    SimpleNormFp32,
+)
 from timm.layers.norm import LayerNormExp2d
 from torch import nn
 
