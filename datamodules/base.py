@@ -2,44 +2,25 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.splits import TEST_FROM, carve, per_class_subset, stratified_split  # noqa: F401  (re-exported)
+from datamodules.splits import (  # noqa: F401  (re-exported)
+    TEST_FROM,
+    Split,
+    carve,
+    per_class_subset,
+    stratified_split,
+)
 from datamodules.transforms import eval_transform, to_chw_uint8, train_transform
 from visionft.errors import UsageError
 
 log = logging.getLogger(__name__)
 SAMPLERS = (None, "balanced")  # data.sampler: the training epoch's draw (datamodules.loaders.EpochOrder)
-
-
-@dataclass
-class Split:
-    """One split: images as an in-memory uint8 array (N, H, W, 3) or as file paths, and integer labels."""
-
-    images: np.ndarray | Sequence[str]
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: np.ndarray) -> Split:
-        index = np.asarray(index, dtype=np.int64)
-        if isinstance(self.images, np.ndarray):
-            return Split(self.images[index], self.labels[index])
-        return Split([self.images[i] for i in index], self.labels[index])
-
-    def load(self, i: int) -> np.ndarray:
-        if isinstance(self.images, np.ndarray):
-            return self.images[i]
-        from datamodules.images import read_rgb
-
-        return read_rgb(self.images[i])
 
 
 class _TransformDataset(Dataset):

@@ -23,13 +23,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from visionft.errors import UserError
+
 log = logging.getLogger(__name__)
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (about 9,459 x 9,459)
 CHECK_FORMAT = 2  # bump when read_rgb's verdicts change
 
 
-class BadImage(ValueError):
+class BadImage(UserError, ValueError):
     """A file that cannot be used as an image; the message is the reason."""
 
 

@@ -1,5 +1,6 @@
 """Making a run's three splits from what the data ships, and saying where each came from.
 
+- ``Split``: one split's images (an array or file paths) and labels.
 - ``stratified_split`` / ``per_class_subset``: seeded, stratified held-out fractions and few-shot subsets.
 - ``carve``: a missing test split is carved from train (or, ``test_from="val"``, from the val split the data ships) by
   ``test_fraction`` (0: no test split), a missing val split from train by ``val_fraction``; ``origins`` says, per
@@ -12,18 +13,39 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from visionft.errors import UsageError
 
-if TYPE_CHECKING:
-    from datamodules.base import Split
-
 log = logging.getLogger("datamodules.base")
 TEST_FROM = ("train", "val")
+
+
+@dataclass
+class Split:
+    """One split: images as an in-memory uint8 array (N, H, W, 3) or as file paths, and integer labels."""
+
+    images: np.ndarray | Sequence[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> Split:
+        index = np.asarray(index, dtype=np.int64)
+        if isinstance(self.images, np.ndarray):
+            return Split(self.images[index], self.labels[index])
+        return Split([self.images[i] for i in index], self.labels[index])
+
+    def load(self, i: int) -> np.ndarray:
+        if isinstance(self.images, np.ndarray):
+            return self.images[i]
+        from datamodules.images import read_rgb
+
+        return read_rgb(self.images[i])
 
 
 def stratified_split(split: Split, fraction: float, seed: int, held: str = "held-out",

@@ -104,7 +104,7 @@ def load(path: str | Path) -> Trained:
     """A run directory (its final model, as ``metrics.json`` names it: final.ckpt when a probe or WiSE-FT made it,
     else best, else last) or a visionft ``.ckpt`` file, for inference."""
     from visionft.checkpoints import run_checkpoint
-    from visionft.export import load_trained
+    from visionft.trained import load_trained
 
     model, meta, _ = load_trained(run_checkpoint(path))
     return Trained(model, meta)

@@ -10,7 +10,7 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-from visionft.errors import UsageError
+from visionft.errors import UsageError, UserError
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -22,7 +22,7 @@ class WriteFailed(OSError, UsageError):
         return str(self.strerror)
 
 
-class DiskFull(WriteFailed):
+class DiskFull(WriteFailed, UserError):
     """No space (or quota) left on the device."""
 
 

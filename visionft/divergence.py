@@ -8,8 +8,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from visionft.errors import UserError
 
-class NonFiniteLoss(RuntimeError):
+
+class NonFiniteLoss(UserError, RuntimeError):
     pass
 
 

@@ -21,7 +21,7 @@ def model_and_preprocessing(ckpt: str | None, backbone: str | None, image_size: 
     from visionft.predict import preprocessing_of
 
     if ckpt:
-        from visionft.export import load_trained
+        from visionft.trained import load_trained
 
         model, meta, hparams = load_trained(ckpt)
         if not hasattr(model, "forward_head"):

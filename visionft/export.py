@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from visionft.atomic import write_text
-from visionft.errors import UsageError
+from visionft.errors import UsageError, UserError
+from visionft.trained import checked_model_kwargs, load_trained  # noqa: F401  (export's API)
 
 log = logging.getLogger(__name__)
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "exported_program": "model.pt2"}
@@ -22,82 +23,8 @@ FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "exported_program": 
 ATOL, RTOL = 1e-4, 1e-4
 
 
-class ExportCheckFailed(RuntimeError):
+class ExportCheckFailed(UserError, RuntimeError):
     pass
-
-
-def load_trained(ckpt_path: str | Path) -> tuple[nn.Module, dict, dict]:
-    """The deployable model of a visionft checkpoint (the strategy's ``to_deployable``: adapters merged where they
-    can be), its metadata and its run config."""
-    from hydra.utils import instantiate
-
-    from visionft.backbones import create_backbone
-    from visionft.checkpoints import read_checkpoint, stored_node, stored_timm_name
-
-    ckpt = read_checkpoint(ckpt_path, "--ckpt")
-    if "visionft" not in ckpt:
-        raise UsageError(f"{ckpt_path} is not a visionft checkpoint (no 'visionft' metadata)")
-    meta = ckpt["visionft"]
-    name = meta["timm_name"] = stored_timm_name(meta, str(ckpt_path))  # before timm sees it: no folder or hub repo
-    kwargs = checked_model_kwargs(meta, str(ckpt_path))
-    backbone = create_backbone(name, meta["num_classes"], pretrained=False,
-                               kwargs={k: v for k, v in kwargs.items() if k != "img_size"},
-                               image_size=kwargs.get("img_size"))
-    adapted = instantiate(stored_node(ckpt["hyper_parameters"], "strategy", str(ckpt_path))).prepare(backbone.model,
-                                                                                                     backbone)
-    adapted.model.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
-    return adapted.to_deployable().eval(), meta, ckpt["hyper_parameters"]
-
-
-def _plain(value) -> bool:
-    """None, a bool, number or string, or a list or str-keyed dict of such values."""
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
-def _architecture(name: str, source: str) -> type:
-    """The class timm builds for ``name``, built on the meta device (no memory, no weights; on the CPU for a
-    builder that needs real tensors)."""
-    import timm
-
-    try:
-        with torch.device("meta"):
-            return type(timm.create_model(name, pretrained=False))
-    except Exception as e:  # noqa: BLE001
-        if "Unknown model" in str(e):
-            raise UsageError(f"{source} was trained on timm model {name!r}, which this timm ({timm.__version__}) "
-                             f"does not know: install the timm version that trained it") from None
-    return type(timm.create_model(name, pretrained=False))
-
-
-def checked_model_kwargs(meta: dict, source: str) -> dict:
-    """A checkpoint's ``model_kwargs``, refused in one line unless every key is one visionft can have written there
-    (``backbone.kwargs``, the ``img_size`` of a ViT): an argument of the architecture's own class or one of timm's
-    build flags (``scriptable``, ``pretrained_strict``, ...), with a plain value. timm's loading arguments
-    (``checkpoint_path``, ``pretrained_cfg_overlay``, ``cache_dir``, ...) are refused as training refuses them, so a
-    crafted checkpoint cannot make the model builder open a file."""
-    import inspect
-    import reprlib
-
-    from visionft.backbones import TIMM_BUILD_FLAGS, refuse_loading_kwargs
-
-    kwargs = meta.get("model_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise UsageError(f"{source}: its model_kwargs are a {type(kwargs).__name__}, not a mapping of timm "
-                         f"arguments: refusing to build the model from this checkpoint")
-    refuse_loading_kwargs(kwargs, f"{source}: model_kwargs")
-    arch = _architecture(meta["timm_name"], source)
-    allowed = (set(inspect.signature(arch.__init__).parameters) | TIMM_BUILD_FLAGS) - {"self", "num_classes",
-                                                                                        "device", "dtype"}
-    bad = [f"{k}={reprlib.repr(v)}" for k, v in kwargs.items() if k not in allowed or not _plain(v)]
-    if bad:
-        raise UsageError(f"{source}: its model_kwargs hold {', '.join(bad)}, which visionft never writes there "
-                         f"(only plain arguments of {arch.__name__} and timm's build flags): refusing to build the "
-                         f"model from this checkpoint")
-    return kwargs
 
 
 def held_out_batch(hparams: dict, meta: dict, n: int = 256) -> tuple[torch.Tensor, str]:
@@ -177,7 +104,7 @@ def export(ckpt_path: str | Path, fmt: str, out_dir: str | Path | None = None) -
 
     import timm
 
-    from visionft.predict import load_runner
+    from visionft.trained import load_runner
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")

@@ -13,13 +13,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy
 
 from visionft.adapted import Adapted
 from visionft.backbones import Backbone
 from visionft.checkpoints import DATA_KEY
 from visionft.errors import UsageError
 from visionft.gates import Gates, GroupGates
+from visionft.metrics import make_metrics
 from visionft.optim import (
     Clock,
     build_param_groups,
@@ -53,16 +54,6 @@ def soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, weight: torch.T
     if weight is None:
         return -(soft * logp).sum(-1).mean()
     return -(soft * weight * logp).sum() / (soft @ weight).sum()
-
-
-def make_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    metrics = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
-    }
-    if num_classes > 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
 
 
 def checkpoint_meta(backbone: Backbone, num_classes: int, classes: list[str] | None,

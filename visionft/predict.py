@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,65 +16,11 @@ import torch
 
 from visionft.errors import UsageError
 from visionft.logs import printable
+from visionft.trained import ACCEPTS, ARTIFACTS, check_archive, load_runner  # noqa: F401  (predict's API)
 
 log = logging.getLogger(__name__)
 
 
-ACCEPTS = ("--model takes an exported model.pt (TorchScript), model.onnx or model.pt2 (torch.export), a visionft "
-           ".ckpt, or a run directory")
-
-
-def _members(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
-    except zipfile.BadZipFile:  # a pickle, a cut file, anything but a zip archive
-        return []
-
-
-def _is_pt2(path: Path) -> bool:
-    try:
-        from torch.export.pt2_archive import is_pt2_package
-    except ImportError:  # torch < 2.7 writes the older zip layout
-        return "serialized_exported_program.json" in _members(path)
-    return is_pt2_package(str(path))
-
-
-def check_archive(artifact: Path) -> None:
-    """Refuse, before any loader opens it, a ``.pt`` that is not a TorchScript archive or a ``.pt2`` that is not a
-    torch.export archive: a pickle or ``torch.save`` file given that name is never unpickled here."""
-    if artifact.suffix == ".pt":
-        names = _members(artifact)
-        ok = any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
-        kind = "a TorchScript archive (torch.jit.save)"
-    else:
-        ok, kind = _is_pt2(artifact), "a torch.export archive (torch.export.save)"
-    if not ok:
-        raise UsageError(f"--model {artifact} is not {kind}: it is not loaded (a pickle or torch.save file could run "
-                         f"code); {ACCEPTS}")
-
-
-def load_runner(artifact: str | Path):
-    """A callable mapping a normalized float NCHW tensor to logits, for any of the three formats."""
-    artifact = Path(artifact)
-    if artifact.suffix in (".pt", ".pt2"):
-        check_archive(artifact)
-    if artifact.suffix == ".onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})[0])
-    if artifact.suffix == ".pt2":
-        module = torch.export.load(str(artifact)).module()
-        return lambda x: module(x).detach()
-    if artifact.suffix == ".pt":
-        module = torch.jit.load(str(artifact), map_location="cpu").eval()
-        return lambda x: module(x).detach()
-    raise UsageError(f"unknown artifact {artifact}: expected model.pt (TorchScript), model.onnx or model.pt2")
-
-
-ARTIFACTS = (".pt", ".onnx", ".pt2")
 
 
 def open_model(path: str | Path):
@@ -93,7 +38,7 @@ def open_model(path: str | Path):
         return load_runner(path), read_config(path)
     if path.suffix != ".ckpt":
         raise UsageError(f"--model {path} is not a model file predict reads: {ACCEPTS}")
-    from visionft.export import load_trained
+    from visionft.trained import load_trained
 
     model, meta, _ = load_trained(path)
     return (lambda x: model(x).detach()), preprocessing_of(meta)

@@ -15,24 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from visionft import runfolder
-
-PASS_THROUGH = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
-                "--shell-completion", "-sc", "--version", "--experimental-rerun")
-
-
-def split_argv(argv: list[str]) -> tuple[list[str], str | None] | None:
-    """(overrides, config dir) of a command line, or None when it is not a plain run or multirun."""
-    overrides, config_dir, it = [], None, iter(argv)
-    for a in it:
-        if a in PASS_THROUGH or a.startswith(("--config-name", "-cn", "--config-path", "-cp")):
-            return None
-        if a in ("--config-dir", "-cd"):
-            config_dir = next(it, None)
-        elif a.startswith("--config-dir="):
-            config_dir = a.split("=", 1)[1]
-        elif a not in ("-m", "--multirun"):
-            overrides.append(a)
-    return overrides, config_dir
+from visionft.resume import split_argv
 
 
 def group_options(group: str, config_dir: str | None = None) -> list[str]:

@@ -269,7 +269,7 @@ def feature_metrics(module, feats: Features, stage: str) -> dict[str, float]:
     """The stage's metrics (loss, acc, macro-F1, top-5) of the model's head on cached features: what evaluating
     the frozen backbone + head on the images gives (same transform, same precision; the head itself is applied in
     fp32, as the saved checkpoint runs), without a forward pass."""
-    from visionft.module import make_metrics
+    from visionft.metrics import make_metrics
 
     logits = feature_logits(module, feats)
     with torch.no_grad():

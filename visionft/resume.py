@@ -8,6 +8,25 @@ import re
 import shlex
 from pathlib import Path
 
+PASS_THROUGH = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
+                "--shell-completion", "-sc", "--version", "--experimental-rerun")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], str | None] | None:
+    """(overrides, config dir) of a command line, or None when it is not a plain run or multirun."""
+    overrides, config_dir, it = [], None, iter(argv)
+    for a in it:
+        if a in PASS_THROUGH or a.startswith(("--config-name", "-cn", "--config-path", "-cp")):
+            return None
+        if a in ("--config-dir", "-cd"):
+            config_dir = next(it, None)
+        elif a.startswith("--config-dir="):
+            config_dir = a.split("=", 1)[1]
+        elif a not in ("-m", "--multirun"):
+            overrides.append(a)
+    return overrides, config_dir
+
+
 # not carried over: a resumed run continues from the folder's last.ckpt, whatever checkpoint the run began from, and
 # never replaces the run it continues (overwrite=true started it)
 NOT_CARRIED = ("ckpt_path", "resume", "overwrite")
@@ -35,7 +54,6 @@ def with_run_overrides(argv: list[str], output_dir: str | Path | None = None) ->
     ``output_dir``, a multirun, a folder without stored overrides) or is not Hydra's grammar (Hydra reports it)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from visionft.preflight import split_argv
 
     split = split_argv(argv)
     if split is None or not split[0] or "-m" in argv or "--multirun" in argv:
