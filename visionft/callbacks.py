@@ -109,11 +109,13 @@ class Preemption(L.Callback):
 
     def __init__(self) -> None:
         self.signal_name, self.saved, self._previous = "SIGTERM", None, None
-        self.at_once, self._saving = False, False
+        self.at_once, self._saving, self._outside, self._stop_sent = False, False, None, False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+
+        self._outside = signal.getsignal(signal.SIGTERM)  # Lightning installs its own after this hook, until teardown
 
         def stop_soon(signum, frame):
             if self._saving:
@@ -122,9 +124,20 @@ class Preemption(L.Callback):
                 self.at_once = True
                 raise KeyboardInterrupt
             self.signal_name = "SIGINT"
-            trainer._signal_connector.received_sigterm = True  # Lightning's loops stop at the next batch boundary
+            if signal.getsignal(signal.SIGTERM) is not self._outside:  # else on_train_start sends it
+                self._stop()
 
         self._previous = signal.signal(signal.SIGINT, stop_soon)
+
+    def _stop(self) -> None:
+        """Lightning's own SIGTERM handler marks the stop (``trainer.received_sigterm``): its loops stop at the next
+        batch boundary and raise ``SIGTERMException``, as on a scheduler's SIGTERM."""
+        self._stop_sent = True
+        signal.raise_signal(signal.SIGTERM)
+
+    def on_train_start(self, trainer, pl_module) -> None:  # a Ctrl+C while the checkpoint to resume was restored
+        if self.signal_name == "SIGINT" and not self._stop_sent and not trainer.received_sigterm:
+            self._stop()
 
     def _restore(self) -> None:
         if self._previous is not None:

@@ -3,30 +3,39 @@ logger opens the folder). The other loggers are Lightning's own, chosen by the H
 from __future__ import annotations
 
 import csv
+import os
+from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
-class _AppendingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:  # keep metrics.csv; new rows are appended under its header
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
-
-
 class ResumableCSVLogger(CSVLogger):
-    """``append=True`` (a resumed run) continues ``metrics.csv`` instead of starting it anew."""
+    """``append=True`` (a resumed run) continues ``metrics.csv`` instead of starting it anew: the file is moved
+    aside while Lightning's writer opens the folder, then put back, its header naming the columns already written."""
 
     def __init__(self, *args, append: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.append = append
+        self.append, self._opened = append, False
 
     @property
     @rank_zero_experiment
-    def experiment(self):
-        if self._experiment is None and self.append:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return super().experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._opened or not self.append:
+            return super().experiment
+        metrics = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        aside = metrics.with_name(metrics.name + ".resumed")
+        history = metrics.is_file()
+        if history:
+            os.replace(metrics, aside)
+        try:
+            writer = super().experiment
+        finally:
+            if history:
+                os.replace(aside, metrics)
+        if history:
+            with open(metrics, newline="") as f:
+                writer.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+        self._opened = True
+        return writer
