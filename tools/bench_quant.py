@@ -9,6 +9,7 @@ import torch
 from visionft.backbones import create_backbone
 from visionft.strategies import Lora
 from visionft.strategies.quantize import base_bytes
+from visionft.weights import is_under
 
 BACKBONES = ["vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224"]
 COLUMNS = ["backbone", "base_params", "float32_mib", "bfloat16_mib", "nf4_mib", "int8_mib", "nf4_vs_bf16",
@@ -32,7 +33,7 @@ def quant_memory_rows(backbones: list[str] | None = None) -> list[dict]:
     for name in backbones or BACKBONES:
         torch.manual_seed(0)
         b = create_backbone(name, 10, pretrained=False)
-        params = sum(p.numel() for n, p in b.model.named_parameters() if not n.startswith(b.classifier + "."))
+        params = sum(p.numel() for n, p in b.model.named_parameters() if not is_under(n, b.classifier))
         fp32, bf16, nf4, int8 = (_base(name, k) for k in (None, "bf16", "nf4", "int8"))
         rows.append({"backbone": name, "base_params": params, "float32_mib": round(fp32 / MIB, 1),
                      "bfloat16_mib": round(bf16 / MIB, 1), "nf4_mib": round(nf4 / MIB, 1),

@@ -16,7 +16,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from visionft.errors import UsageError
-from visionft.weights import apply_state_dict, load_pretrained, load_state_dict_file
+from visionft.weights import apply_state_dict, is_under, load_pretrained, load_state_dict_file
 
 log = logging.getLogger(__name__)
 HEAD_INITS = ("zero", "timm")
@@ -74,7 +74,7 @@ def depth_groups(model: nn.Module) -> list[DepthGroup]:
     parameters of ``model.get_classifier()`` form the head group, and anything else timm grouped with them joins
     the group before it."""
     classifier = _classifier_name(model)
-    head = {n for n, _ in model.named_parameters() if _is_under(n, classifier)}
+    head = {n for n, _ in model.named_parameters() if is_under(n, classifier)}
     grouped = group_parameters(model, model.group_matcher(coarse=True))
     body = [[n for n in names if n not in head] for _, names in sorted(grouped.items())]
     body = [names for names in body if names]
@@ -91,10 +91,6 @@ def _classifier_name(model: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is classifier)
 
 
-def _is_under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def bn_group_index(model: nn.Module, groups: list[DepthGroup]) -> dict[str, int]:
     """Map every BatchNorm module of the plain model to the depth group holding its affine weight."""
     owner = {p: g.index for g in groups for p in g.params}
@@ -102,7 +98,7 @@ def bn_group_index(model: nn.Module, groups: list[DepthGroup]) -> dict[str, int]
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             key = f"{name}.weight" if f"{name}.weight" in owner else next(
-                (p for p in owner if _is_under(p, name.rsplit(".", 1)[0])), None)
+                (p for p in owner if is_under(p, name.rsplit(".", 1)[0])), None)
             if key is None:
                 raise RuntimeError(f"cannot place BatchNorm {name!r} in a depth group")
             out[name] = owner[key]

