@@ -22,7 +22,7 @@ from torch import nn
 
 from visionft.adapted import Adapted
 from visionft.errors import UsageError
-from visionft.strategies.base import Strategy
+from visionft.strategies.base import Strategy, train_only_head
 
 # Where adapters go per timm model class (regex, full match on module names): a transformer block's MLP, or a
 # convnet's residual block.
@@ -119,9 +119,7 @@ class Adapter(Strategy):
         return names
 
     def prepare(self, model: nn.Module, backbone) -> AdapterAdapted:
-        head = backbone.classifier
-        for name, p in model.named_parameters():
-            p.requires_grad_(name == head or name.startswith(head + "."))
+        train_only_head(model, backbone.classifier)
         names = self.find_sites(model)
         shapes = _shapes(model, names, backbone.data_config["input_size"])
         w = next(model.parameters())

@@ -30,8 +30,15 @@ from torch import nn
 
 from visionft.adapted import Adapted
 from visionft.errors import UsageError
+from visionft.weights import is_under
 
 BN_POLICIES = ("frozen", "train")
+
+
+def train_only_head(model: nn.Module, head: str) -> None:
+    """Freeze every parameter of ``model`` outside module ``head`` (the classifier); the head's parameters train."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_under(name, head))
 
 
 @dataclass

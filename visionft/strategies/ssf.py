@@ -33,7 +33,7 @@ from timm.layers.norm import LayerNormExp2d
 from torch import nn
 
 from visionft.adapted import Adapted
-from visionft.strategies.base import Strategy
+from visionft.strategies.base import Strategy, train_only_head
 from visionft.weights import is_under
 
 # channels on dim 1 of the output; checked first: timm's NCHW LayerNorms are subclasses of nn.LayerNorm
@@ -73,8 +73,7 @@ class Ssf(Strategy):
 
     def prepare(self, model: nn.Module, backbone) -> SsfAdapted:
         head = backbone.classifier
-        for name, p in model.named_parameters():
-            p.requires_grad_(name == head or name.startswith(head + "."))
+        train_only_head(model, head)
         for name, m in model.named_modules():
             c = _channels(m)
             if c is None or is_under(name, head):

@@ -14,7 +14,7 @@ from torch import nn
 
 from visionft.adapted import Adapted
 from visionft.errors import UsageError
-from visionft.strategies.base import Strategy
+from visionft.strategies.base import Strategy, train_only_head
 
 
 class PromptedViT(nn.Module):
@@ -80,9 +80,7 @@ class Vpt(Strategy):
         if not isinstance(model, VisionTransformer):  # (Eva/RoPE ViTs embed positions differently)
             raise UsageError(f"strategy=vpt needs a ViT-family backbone (timm VisionTransformer: ViT, DINOv2, CLIP), "
                              f"not {type(model).__name__}: pick e.g. backbone=vit_small, or strategy=lora for convnets")
-        head = backbone.classifier
-        for name, p in model.named_parameters():
-            p.requires_grad_(name == head or name.startswith(head + "."))
+        train_only_head(model, backbone.classifier)
         return PromptAdapted(PromptedViT(model, self.tokens, self.deep), backbone)
 
     def save_artifacts(self, adapted: PromptAdapted, out) -> list:
