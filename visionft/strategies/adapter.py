@@ -22,7 +22,7 @@ from torch import nn
 
 from visionft.adapted import Adapted
 from visionft.errors import UsageError
-from visionft.strategies.base import Strategy, train_only_head
+from visionft.strategies.base import Strategy, train_only_head, write_safetensors
 
 # Where adapters go per timm model class (regex, full match on module names): a transformer block's MLP, or a
 # convnet's residual block.
@@ -141,14 +141,7 @@ class Adapter(Strategy):
 
     def save_artifacts(self, adapted: AdapterAdapted, out) -> list:
         """``adapters.safetensors``: the adapters and the head (load onto a fresh backbone wrapped by ``prepare``)."""
-        from safetensors.torch import save_file
-
-        from visionft.atomic import replacing
-
-        path = out / "adapters.safetensors"
-        with replacing(path, "adapters file") as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in adapted.artifact_state().items()}, str(tmp))
-        return [path]
+        return [write_safetensors(adapted.artifact_state(), out / "adapters.safetensors", "adapters file")]
 
 
 class AdaptedNet(nn.Module):

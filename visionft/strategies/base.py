@@ -24,6 +24,7 @@ fresh when it opens, and gradient clipping (which only sees gradients that exist
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from torch import nn
@@ -33,6 +34,18 @@ from visionft.errors import UsageError
 from visionft.weights import is_under
 
 BN_POLICIES = ("frozen", "train")
+
+
+def write_safetensors(state: dict, path: Path, what: str) -> Path:
+    """Write ``state`` (its tensors detached, contiguous, on the CPU) to ``path`` as safetensors, atomically (the
+    previous file stays on a failed write); ``what`` names the file in an error. Returns ``path``."""
+    from safetensors.torch import save_file
+
+    from visionft.atomic import replacing
+
+    with replacing(path, what) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    return path
 
 
 def train_only_head(model: nn.Module, head: str) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from visionft.adapted import Adapted
 from visionft.errors import UsageError
-from visionft.strategies.base import Strategy
+from visionft.strategies.base import Strategy, write_safetensors
 from visionft.strategies.quantize import QUANTIZE, dequantize_linears, logical_numel, quantize_linears
 
 # Default targets per timm model class (regex, full match on module names of the plain timm model).
@@ -27,7 +27,16 @@ ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
 @dataclass
-class Lora(Strategy):
+class PeftTuner(Strategy):
+    """A strategy that wraps the model in a peft tuner (``PeftAdapted``): after the run it writes the peft adapter
+    (``adapter.safetensors`` + ``adapter_config.json``)."""
+
+    def save_artifacts(self, adapted: PeftAdapted, out: Path) -> list[Path]:
+        return [*save_adapter(adapted.model, out, adapted.artifact_state())]
+
+
+@dataclass
+class Lora(PeftTuner):
     lr: float = 1e-3
     r: int = 8
     alpha: float = 16
@@ -64,9 +73,6 @@ class Lora(Strategy):
             quantize_linears(model, self.quantize, backbone.classifier)
         return PeftAdapted(get_peft_model(model, self.peft_config(model, backbone.classifier)), backbone,
                            with_bn_stats=self.bn == "train")
-
-    def save_artifacts(self, adapted: PeftAdapted, out: Path) -> list[Path]:
-        return [*save_adapter(adapted.model, out, adapted.artifact_state())]
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
@@ -192,12 +198,9 @@ _BASE = ".base_layer.weight"  # an adapted layer's own weight (in an artifact af
 
 def save_adapter(model: nn.Module, out: Path, state: dict) -> tuple[Path, Path]:
     """Write the adapter state as safetensors and its peft config beside it."""
-    from safetensors.torch import save_file
+    from visionft.atomic import write_text
 
-    from visionft.atomic import replacing, write_text
-
-    with replacing(out / ADAPTER_FILE, "adapter") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    write_safetensors(state, out / ADAPTER_FILE, "adapter")
     config = model.peft_config["default"].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str), "adapter config")

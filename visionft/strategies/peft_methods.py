@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from visionft.errors import UsageError
-from visionft.strategies.base import Strategy
-from visionft.strategies.lora import PeftAdapted, find_targets, save_adapter
+from visionft.strategies.lora import PeftAdapted, PeftTuner, find_targets
 
 # peft methods that adapt a model's own layers (prompt-learning and multi-adapter methods are not for a timm model)
 NOT_LAYER_TUNERS = {"ADAPTION_PROMPT", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT",
@@ -24,7 +23,7 @@ def methods() -> dict[str, type]:
 
 
 @dataclass
-class Peft(Strategy):
+class Peft(PeftTuner):
     lr: float = 1e-3
     method: str = "loha"
     options: dict = field(default_factory=dict)  # the method's own config fields (peft's names), e.g. {r: 8}
@@ -57,6 +56,3 @@ class Peft(Strategy):
                              f"): {str(e).strip().splitlines()[0]} Set strategy.target_modules to layers it supports, "
                              f"or pass the option it names in strategy.options") from None
         return PeftAdapted(wrapped, backbone, with_bn_stats=self.bn == "train")
-
-    def save_artifacts(self, adapted: PeftAdapted, out) -> list:
-        return [*save_adapter(adapted.model, out, adapted.artifact_state())]

@@ -14,7 +14,7 @@ from torch import nn
 
 from visionft.adapted import Adapted
 from visionft.errors import UsageError
-from visionft.strategies.base import Strategy, train_only_head
+from visionft.strategies.base import Strategy, train_only_head, write_safetensors
 
 
 class PromptedViT(nn.Module):
@@ -85,11 +85,4 @@ class Vpt(Strategy):
 
     def save_artifacts(self, adapted: PromptAdapted, out) -> list:
         """``prompts.safetensors``: the prompts and the head (load onto a fresh backbone wrapped by ``prepare``)."""
-        from safetensors.torch import save_file
-
-        from visionft.atomic import replacing
-
-        path = out / "prompts.safetensors"
-        with replacing(path, "prompts file") as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in adapted.artifact_state().items()}, str(tmp))
-        return [path]
+        return [write_safetensors(adapted.artifact_state(), out / "prompts.safetensors", "prompts file")]
