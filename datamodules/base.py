@@ -9,13 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.splits import (  # noqa: F401  (re-exported)
-    TEST_FROM,
-    Split,
-    carve,
-    per_class_subset,
-    stratified_split,
-)
+from datamodules.splits import TEST_FROM, Split, carve
 from datamodules.transforms import eval_transform, to_chw_uint8, train_transform
 from visionft.errors import UsageError
 
@@ -253,7 +247,4 @@ class ClassificationDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

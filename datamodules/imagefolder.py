@@ -15,7 +15,7 @@ import numpy as np
 
 from datamodules import folders
 from datamodules.base import ClassificationDataModule, Split
-from datamodules.images import check_files, image_extensions, read_rgb  # noqa: F401  (read_rgb: the one reader)
+from datamodules.images import check_files, image_extensions
 from visionft.errors import UsageError
 from visionft.logs import printable
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from datamodules.augment import PRESETS, parse  # the presets, defined once
+from datamodules.augment import parse
 
 _INTERP = {
     "nearest": cv2.INTER_NEAREST,
@@ -19,8 +19,6 @@ _INTERP = {
     "area": cv2.INTER_AREA,
     "lanczos": cv2.INTER_LANCZOS4,
 }
-
-AUGMENT_PRESETS = tuple(PRESETS)
 
 
 def _interp(name: str) -> int:
@@ -37,7 +35,7 @@ def eval_transform(size: int, interpolation: str = "bicubic", crop_pct: float = 
 
 
 def train_transform(size: int, interpolation: str = "bicubic", augment: Mapping | None = None) -> A.Compose:
-    """Training pipeline from a dataset's ``augment`` block: ``name`` is one of AUGMENT_PRESETS (``none``, ``shift``,
+    """Training pipeline from a dataset's ``augment`` block: ``name`` is one of the presets (``none``, ``shift``,
     ``crop_flip``; see ``datamodules.augment``), its options in its own block; ``color_jitter`` (strength, 0 = off)
     may be added to any preset."""
     preset, jitter = parse(augment)

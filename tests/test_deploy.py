@@ -167,7 +167,7 @@ def test_unknown_export_format_fails_before_training(tiny_cfg, tmp_path):
 
 def test_export_failure_after_training_keeps_the_run(tiny_cfg, tmp_path, monkeypatch):
     import visionft.export
-    from visionft.train import ExportFailed
+    from visionft.outputs import ExportFailed
 
     def broken(*args, **kwargs):
         raise RuntimeError("exporter crashed")

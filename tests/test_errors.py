@@ -163,8 +163,8 @@ def _user_error_cases():
     import errno
 
     from datamodules.images import BadImage
+    from visionft.atomic import DiskFull
     from visionft.callbacks import NonFiniteLoss
-    from visionft.checkpoints import DiskFull
     from visionft.weights import WeightsUnavailable
 
     return [WeightsUnavailable("no pretrained weights for backbone 'x'"), NonFiniteLoss("training diverged"),

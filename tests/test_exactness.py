@@ -71,7 +71,7 @@ def _fit(tiny_cfg, *overrides):
 def test_max_steps_with_unbounded_epochs_schedules_by_real_epochs(tiny_cfg, epochs):
     """max_steps=25 with no epoch limit: one warmup epoch is one real epoch of optimizer steps (the train loader's
     length, 144 images / batch 16 = 9), not the whole run; then cosine to 0 at step 25."""
-    from visionft.optim import warmup_cosine
+    from visionft.schedules import warmup_cosine
 
     cfg, module, rec, trainer = _fit(tiny_cfg, f"trainer.max_epochs={epochs}", "+trainer.max_steps=25")
     spe = len(trainer.datamodule.train_dataloader())

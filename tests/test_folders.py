@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from datamodules import ImageFolderDataModule, SyntheticDataModule
-from datamodules.base import Split, stratified_split
+from datamodules.splits import Split, stratified_split
 from visionft.errors import UsageError
 
 

@@ -179,7 +179,8 @@ def test_the_probe_path_reports_from_its_cached_features(tmp_path):
 
 def test_a_failed_export_still_leaves_the_report(tmp_path, monkeypatch):
     import visionft.export
-    from visionft.train import ExportFailed, train
+    from visionft.outputs import ExportFailed
+    from visionft.train import train
 
     def broken(*a, **k):
         raise RuntimeError("exporter exploded")

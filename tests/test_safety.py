@@ -104,8 +104,8 @@ def test_export_refuses_model_kwargs_that_are_no_architecture_argument(ckpt, tmp
 
 def test_the_model_kwargs_visionft_writes_are_accepted():
     from visionft.backbones import create_backbone
-    from visionft.export import checked_model_kwargs
     from visionft.module import checkpoint_meta
+    from visionft.trained import checked_model_kwargs
 
     for name, size, kwargs in [("test_vit", 64, {"drop_path_rate": 0.1}), ("test_resnet", 48, {"drop_rate": 0.2}),
                                ("test_efficientnet", None, {"drop_path_rate": 0.1, "global_pool": "max"})]:

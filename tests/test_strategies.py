@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from visionft.module import TransferModule
-from visionft.optim import warmup_cosine
+from visionft.schedules import warmup_cosine
 from visionft.train import build, build_trainer
 
 EPOCHS, BATCHES = 3, 3

@@ -59,7 +59,7 @@ def _one_line(e: Exception) -> tuple[str, int] | None:
     from omegaconf.errors import MissingMandatoryValue
 
     from visionft.errors import user_errors
-    from visionft.train import ExportFailed
+    from visionft.outputs import ExportFailed
 
     if isinstance(e, ExportFailed):  # the run is saved; the exporter's own traceback is logged above the line
         logging.getLogger("visionft").error("export failed", exc_info=e.__cause__)

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from visionft.atomic import DiskFull, replacing  # noqa: F401  (DiskFull: the CLI's user error)
+from visionft.atomic import replacing
 from visionft.atomic import write_synced as _write_bytes
 from visionft.errors import UsageError
 from visionft.resume import resume_command

@@ -14,7 +14,7 @@ from torch import nn
 
 from visionft.atomic import write_text
 from visionft.errors import UsageError, UserError
-from visionft.trained import checked_model_kwargs, load_trained  # noqa: F401  (export's API)
+from visionft.trained import load_trained
 
 log = logging.getLogger(__name__)
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "exported_program": "model.pt2"}

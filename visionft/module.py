@@ -186,9 +186,6 @@ class TransferModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         return self._eval_step(batch, self.test_metrics, "test")
 
-    def predict_step(self, batch, batch_idx):
-        return self(batch[0] if isinstance(batch, (tuple, list)) else batch).softmax(-1)
-
     # -- optimizer, schedule, gates --------------------------------------------------------------------------
     def configure_optimizers(self):
         s, gates, adapted = self.strategy, self.gates, self.adapted

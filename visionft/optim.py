@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from visionft.errors import UsageError
-from visionft.schedules import warmup_cosine  # noqa: F401  (re-exported: tests and tools use it)
 
 
 def build_param_groups(

@@ -16,7 +16,7 @@ import torch
 
 from visionft.errors import UsageError
 from visionft.logs import printable
-from visionft.trained import ACCEPTS, ARTIFACTS, check_archive, load_runner  # noqa: F401  (predict's API)
+from visionft.trained import ACCEPTS, ARTIFACTS, load_runner
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ from visionft.errors import UsageError
 from visionft.evaluated import evaluate
 from visionft.logs import quiet_third_party
 from visionft.module import TransferModule
-from visionft.outputs import (  # noqa: F401
-    ExportFailed,
+from visionft.outputs import (
     clear_report,
     export_final,
     summary,
