@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +15,7 @@ import pytest
 import torch
 from conftest import TINY, compose_cfg
 from PIL import Image
+from resume_helpers import last_weights, records, run_recorded
 
 IMBALANCED = {"train": {"a": 60, "b": 4}, "val": {"a": 4, "b": 4}, "test": {"a": 4, "b": 4}}
 BALANCED = {"train": {"a": 32, "b": 32}, "val": {"a": 4, "b": 4}, "test": {"a": 4, "b": 4}}
@@ -136,21 +134,8 @@ RESUME = [*FOLDER, "data.augment.name=crop_flip", "+trainer.val_check_interval=0
 STEPS_PER_EPOCH = 4  # 64 training images, batch 16
 
 
-def _cli(root: Path, out: Path, record: Path, *extra: str) -> subprocess.CompletedProcess:
-    tests = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": tests}
-    args = [*RESUME, f"data.root={root}", "+callbacks.recorder._target_=resume_helpers.Recorder",
-            f"+callbacks.recorder.path={record}", f"paths.output_dir={out}", *extra]
-    return subprocess.run([sys.executable, "-m", "visionft", *args], capture_output=True, text=True, env=env,
-                          cwd=out.parent, timeout=600)
-
-
-def _records(path: Path) -> list[tuple[str, ...]]:
-    return [tuple(line.split()) for line in path.read_text().splitlines()]
-
-
-def _weights(out: Path) -> dict:
-    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+def _cli(root: Path, out: Path, record: Path, *extra: str):
+    return run_recorded([*RESUME, f"data.root={root}"], out, record, *extra)
 
 
 @pytest.mark.slow
@@ -159,7 +144,7 @@ def test_a_balanced_sampler_run_killed_and_resumed_sees_the_batches_of_an_uninte
     root = _folder(tmp_path / "data", IMBALANCED)
     done = _cli(root, tmp_path / "reference", tmp_path / "reference.txt", path)
     assert done.returncode == 0, done.stderr[-3000:]
-    reference = _records(tmp_path / "reference.txt")
+    reference = records(tmp_path / "reference.txt")
     kill = STEPS_PER_EPOCH + 3  # mid-epoch 1, after its mid-epoch validation and checkpoint
     out, crashed, resumed = tmp_path / "run", tmp_path / "crashed.txt", tmp_path / "resumed.txt"
     killed = _cli(root, out, crashed, path, "+callbacks.killer._target_=resume_helpers.Killer",
@@ -167,9 +152,9 @@ def test_a_balanced_sampler_run_killed_and_resumed_sees_the_batches_of_an_uninte
     assert killed.returncode == -9, killed.stderr[-3000:]
     done = _cli(root, out, resumed, path, "resume=true", "+callbacks.killer.step=-1")
     assert done.returncode == 0, done.stderr[-3000:]
-    after = _records(resumed)
+    after = records(resumed)
     start = int(after[0][0])
     assert start == STEPS_PER_EPOCH + 2  # resumed mid-epoch, from the checkpoint of epoch 1's mid-epoch validation
-    assert [r for r in _records(crashed) if int(r[0]) < start] + after == reference
-    final, expected = _weights(out), _weights(tmp_path / "reference")
+    assert [r for r in records(crashed) if int(r[0]) < start] + after == reference
+    final, expected = last_weights(out), last_weights(tmp_path / "reference")
     assert all(torch.equal(final[k], v) for k, v in expected.items())

@@ -5,14 +5,12 @@ once per epoch across the crash. Augmentation (random-resized crop + flip) and d
 written mid-epoch (val_check_interval=0.5)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY
+from resume_helpers import last_weights, records, run_recorded
 
 pytestmark = pytest.mark.slow
 RUN = [o for o in TINY if not o.startswith("trainer.max_epochs")] + [
@@ -22,26 +20,10 @@ PER_SAMPLE, RESIDENT = "data.resident=false", "data.resident=true"  # the two da
 STEPS_PER_EPOCH = 9  # 144 training images, batch 16, drop_last
 
 
-def _run(out: Path, record: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    args = [*RUN, "+callbacks.recorder._target_=resume_helpers.Recorder", f"+callbacks.recorder.path={record}",
-            f"paths.output_dir={out}", *extra]
-    return subprocess.run([sys.executable, "-m", "visionft", *args], capture_output=True, text=True, env=env,
-                          cwd=out.parent, timeout=600)
-
-
-def _records(path: Path) -> list[tuple[int, ...]]:
-    return [tuple(line.split()) for line in path.read_text().splitlines()]
-
-
-def _weights(out: Path) -> dict:
-    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-
-
 def _reference(root: Path, path: str):
-    done = _run(root / "run", root / "batches.txt", path)
+    done = run_recorded(RUN, root / "run", root / "batches.txt", path)
     assert done.returncode == 0, done.stderr[-3000:]
-    return _weights(root / "run"), _records(root / "batches.txt")
+    return last_weights(root / "run"), records(root / "batches.txt")
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +37,11 @@ def reference_resident(tmp_path_factory):
 
 
 def test_two_deterministic_runs_give_identical_weights(reference, tmp_path):
-    done = _run(tmp_path / "run", tmp_path / "batches.txt", PER_SAMPLE)
+    done = run_recorded(RUN, tmp_path / "run", tmp_path / "batches.txt", PER_SAMPLE)
     assert done.returncode == 0, done.stderr[-3000:]
-    weights, records = reference
-    assert _records(tmp_path / "batches.txt") == records
-    again = _weights(tmp_path / "run")
+    weights, batches = reference
+    assert records(tmp_path / "batches.txt") == batches
+    again = last_weights(tmp_path / "run")
     assert all(torch.equal(again[k], v) for k, v in weights.items())
 
 
@@ -81,17 +63,17 @@ def test_resident_data_sigkill_then_resume_is_bit_identical(reference_resident, 
 
 def _kill_resume_compare(reference, tmp_path, kill_step: int, *extra: str) -> None:
     out, crashed, resumed = tmp_path / "run", tmp_path / "crashed.txt", tmp_path / "resumed.txt"
-    killed = _run(out, crashed, "+callbacks.killer._target_=resume_helpers.Killer",
+    killed = run_recorded(RUN, out, crashed, "+callbacks.killer._target_=resume_helpers.Killer",
                   f"+callbacks.killer.step={kill_step}", *extra)
     assert killed.returncode == -9, killed.stderr[-3000:]
     # the resume re-applies the run's own overrides (its folder's overrides.yaml), the killer's too: disarm it
-    done = _run(out, resumed, "resume=true", "+callbacks.killer.step=-1", *extra)
+    done = run_recorded(RUN, out, resumed, "resume=true", "+callbacks.killer.step=-1", *extra)
     assert done.returncode == 0, done.stderr[-3000:]
-    weights, records = reference
-    after = _records(resumed)
+    weights, batches = reference
+    after = records(resumed)
     start = int(after[0][0])  # the step the resumed run continued from (its last checkpoint)
     assert 0 < start <= kill_step
-    stitched = [r for r in _records(crashed) if int(r[0]) < start] + after
-    assert stitched == records  # every step once, with the same samples in the same order, augmented alike
-    final = _weights(out)
+    stitched = [r for r in records(crashed) if int(r[0]) < start] + after
+    assert stitched == batches  # every step once, with the same samples in the same order, augmented alike
+    final = last_weights(out)
     assert all(torch.equal(final[k], v) for k, v in weights.items())
