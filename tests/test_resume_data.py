@@ -148,3 +148,14 @@ def test_c_another_optimizer_on_resume_is_one_line(trained, tmp_path):
     out = _copy(trained, tmp_path)
     with pytest.raises(UsageError, match=r"another optimizer \(optimizer._target_: 'torch.optim.AdamW' -> "):
         _run(_compose, [*TINY, "optimizer=sgd", "trainer.max_epochs=2", "resume=true", "resume_changes=allow"], out)
+
+
+@pytest.mark.parametrize("value", ["/runs/a b/c", "C:\\data\\x", "it's", 'say "hi"', "plain", None, 1e-4, True,
+                                   [1, "a b"]])
+def test_a_kept_value_is_written_as_hydra_reads_it_back(value):
+    """The value a resume pins into overrides.yaml parses back, by Hydra's own override parser, to the same value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from visionft.resumecheck import hydra_value
+
+    assert OverridesParser.create().parse_override(f"k={hydra_value(value)}").value() == value

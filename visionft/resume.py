@@ -83,8 +83,13 @@ def _raw_key(parser, raw: str) -> str:
 def resume_command(run: str | Path) -> str:
     """``python -m visionft resume=true paths.output_dir=RUN`` for this run, ready to paste into a shell (the path
     absolute, quoted for Hydra's override grammar and for the shell where it needs to be)."""
-    path = str(Path(run).resolve())
-    if not re.fullmatch(r"[\w./-]+", path, re.ASCII):
-        # Hydra's quoted string: backslashes are literal except a run of them before a quote (or the end)
-        path = '"' + re.sub(r'(\\*)("|$)', lambda m: 2 * m[1] + ("\\" + m[2] if m[2] else ""), path) + '"'
+    path = hydra_quoted(str(Path(run).resolve()))
     return f"python -m visionft resume=true {shlex.quote(f'paths.output_dir={path}')}"
+
+
+def hydra_quoted(text: str) -> str:
+    """``text`` as a value of Hydra's override grammar: as it is when plain, else a quoted string (backslashes are
+    literal in it except a run of them before a quote, or before the end)."""
+    if re.fullmatch(r"[\w./-]+", text, re.ASCII):
+        return text
+    return '"' + re.sub(r'(\\*)("|$)', lambda m: 2 * m[1] + ("\\" + m[2] if m[2] else ""), text) + '"'

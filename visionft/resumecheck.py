@@ -10,7 +10,6 @@ LR multipliers, the loss and the data do take effect (from the first step after 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from visionft.checkpoints import DATA_KEY, check_fits, config_changes, read_checkpoint
 from visionft.errors import UsageError
 from visionft.outputs import write_overrides
-from visionft.resume import resume_command
+from visionft.resume import hydra_quoted, resume_command
 
 log = logging.getLogger("visionft.train")
 NOT_APPLIED = ("optimizer.", "strategy.lr")  # keys (or prefixes) a resume takes from the checkpoint's state
@@ -127,7 +126,7 @@ def pinned(overrides: list[str], kept: dict) -> list[str]:
 
     prefix = {key(o): o[:len(o) - len(o.lstrip("+~"))].replace("~", "") for o in overrides}
     return [*(o for o in overrides if key(o) not in kept),
-            *(f"{prefix.get(k, '')}{k}={hydra_value(v)}" for k, v in kept.items() if v is not None)]
+            *(f"{prefix.get(k, '')}{k}={hydra_value(v)}" for k, v in kept.items())]
 
 
 def hydra_value(v) -> str:
@@ -142,5 +141,4 @@ def hydra_value(v) -> str:
         return "[" + ",".join(hydra_value(x) for x in v) + "]"
     if isinstance(v, dict):
         return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
-    text = str(v)
-    return text if re.fullmatch(r"[\w.\-/]+", text) else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return hydra_quoted(str(v))
